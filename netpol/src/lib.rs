@@ -10,10 +10,12 @@
 //! Newcomers: start with [`compile::compile`] and [`ruleset::Ruleset`].
 
 pub mod diff;
+pub mod eval;
 pub mod fake;
 pub mod model;
 pub mod ruleset;
 pub mod selector;
+pub mod sim;
 
 pub use diff::{Diff, Op, diff};
 pub use ruleset::Ruleset;

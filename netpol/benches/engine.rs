@@ -1,1 +1,2 @@
+//! Engine benchmarks (written next).
 fn main() {}

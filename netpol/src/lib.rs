@@ -9,13 +9,16 @@
 //!
 //! Newcomers: start with [`compile::compile`] and [`ruleset::Ruleset`].
 
+pub mod compile;
 pub mod diff;
+pub mod engine;
 pub mod eval;
 pub mod fake;
 pub mod model;
 pub mod ruleset;
 pub mod selector;
 pub mod sim;
+pub mod synth;
 
 pub use diff::{Diff, Op, diff};
 pub use ruleset::Ruleset;

@@ -190,7 +190,8 @@ mod tests {
     #[test]
     fn every_operator_matches_as_the_api_says() {
         let l = labels(&[("app", "web"), ("tier", "front")]);
-        let cases: &[(&[(String, String, Vec<String>)], bool)] = &[
+        type Expr = (String, String, Vec<String>);
+        let cases: &[(&[Expr], bool)] = &[
             (&[expr("app", "In", &["web", "db"])], true),
             (&[expr("app", "In", &["db"])], false),
             (&[expr("app", "NotIn", &["db"])], true),
@@ -219,8 +220,8 @@ mod tests {
 
     #[test]
     fn match_labels_and_expressions_are_anded() {
-        let s = LabelSelector::new(&labels(&[("app", "web")]), &[expr("tier", "Exists", &[])])
-            .unwrap();
+        let s =
+            LabelSelector::new(&labels(&[("app", "web")]), &[expr("tier", "Exists", &[])]).unwrap();
         assert!(s.matches(&labels(&[("app", "web"), ("tier", "x")])));
         assert!(!s.matches(&labels(&[("app", "web")])));
     }

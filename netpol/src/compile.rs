@@ -1,0 +1,725 @@
+//! Cluster → the desired [`Ruleset`] of one node (DESIGN §2, "Ruleset layout").
+//!
+//! The node compiles only what concerns it: dispatch for its local pods, the chains of the
+//! policies that select at least one of them, and the sets those chains use (peer sets hold
+//! pods of every node). Names derive from content, so the same logical object has the same
+//! name in every process.
+//!
+//! ```text
+//! forward hook ─ egress  (filter - 1): ct established → accept; anti-spoofing; unknown local
+//!              │                       pod → drop; ip saddr vmap @egress-dispatch-v4 ─┐
+//!              └ ingress (filter):     ct established → accept; unknown local pod → drop;
+//!                                      ip daddr vmap @ingress-dispatch-v4 ─┐          │
+//!      grp-<h>-in: jump pol-…-in; …; counter drop   ◄──────────────────────┘          │
+//!      grp-<h>-eg: jump pol-…-eg; …; counter drop   ◄─────────────────────────────────┘
+//!      pol-<h>-<ns>-<name>-in: ip saddr @sel-<h>-v4 tcp dport 80 accept comment "ns/name ingress[0] …"
+//! ```
+//!
+//! [`compile`] builds everything from scratch (start-up, and the reference the incremental
+//! [`crate::engine::Engine`] is tested against). The pieces ([`base_ruleset`],
+//! [`policy_chain`], [`SetSpec::elements`], [`group_chain`]) are shared by both.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::model::{
+    Cluster, Direction, IpBlock, NamespaceScope, Peer, Pod, PodSelection, Policy, PolicyRule,
+    PortSpec, family_of,
+};
+use crate::ruleset::{
+    Action, AddrField, BaseHook, Chain, ChainDef, ChainPolicy, ChainType, CtState, Family, Hook,
+    IfaceField, Key, KeyField, MAX_NAME_BYTES, Match, Protocol, Rule, Ruleset, Set, SetDef, Value,
+    Verdict, fit_comment, object_name, short_hash,
+};
+
+/// Name prefix of the host side of every pod's veth.
+pub const POD_IFACE_PREFIX: &str = "weft";
+
+/// Names of the fixed objects of the table (no prefix inside our own table).
+pub mod names {
+    /// Base chain judging what local pods send (runs first).
+    pub const EGRESS_CHAIN: &str = "egress";
+    /// Base chain judging what local pods receive.
+    pub const INGRESS_CHAIN: &str = "ingress";
+
+    /// Verdict map: isolated local pod IP → its egress group chain.
+    pub fn egress_dispatch(f: crate::ruleset::Family) -> String {
+        format!("egress-dispatch-{}", f.suffix())
+    }
+    /// Verdict map: isolated local pod IP → its ingress group chain.
+    pub fn ingress_dispatch(f: crate::ruleset::Family) -> String {
+        format!("ingress-dispatch-{}", f.suffix())
+    }
+    /// Set of the IPs of this node's pods.
+    pub fn pods_local(f: crate::ruleset::Family) -> String {
+        format!("pods-local-{}", f.suffix())
+    }
+}
+
+/// The dispatch map of a direction and family.
+pub fn dispatch_map(direction: Direction, family: Family) -> String {
+    match direction {
+        Direction::Ingress => names::ingress_dispatch(family),
+        Direction::Egress => names::egress_dispatch(family),
+    }
+}
+
+/// The tables's skeleton: base chains with their fixed rules, dispatch maps, local pod sets.
+/// Identical on every node; only elements differ.
+pub fn base_ruleset(table: &str) -> Ruleset {
+    let mut rs = Ruleset::new(table);
+    for family in Family::ALL {
+        let addr = family.addr_type();
+        for (name, comment) in [
+            (
+                names::egress_dispatch(family),
+                "isolated local pod -> its egress group chain",
+            ),
+            (
+                names::ingress_dispatch(family),
+                "isolated local pod -> its ingress group chain",
+            ),
+        ] {
+            rs.sets.insert(
+                name.clone(),
+                Set::new(SetDef {
+                    name,
+                    key: vec![addr],
+                    interval: false,
+                    verdict_map: true,
+                    comment: Some(comment.to_string()),
+                }),
+            );
+        }
+        let name = names::pods_local(family);
+        rs.sets.insert(
+            name.clone(),
+            Set::new(SetDef {
+                name,
+                key: vec![addr],
+                interval: false,
+                verdict_map: false,
+                comment: Some("pods of this node".to_string()),
+            }),
+        );
+    }
+
+    let established = Rule {
+        matches: vec![Match::Ct(CtState::EstablishedRelated)],
+        counter: false,
+        action: Action::Verdict(Verdict::Accept),
+        comment: Some("established flows keep going".to_string()),
+    };
+    let from_pod = Match::IfacePrefix {
+        field: IfaceField::Input,
+        prefix: POD_IFACE_PREFIX.to_string(),
+    };
+    let to_pod = Match::IfacePrefix {
+        field: IfaceField::Output,
+        prefix: POD_IFACE_PREFIX.to_string(),
+    };
+
+    // Egress runs first: anti-spoofing must come before any dispatch on the source address.
+    let mut egress = vec![
+        established.clone(),
+        Rule {
+            matches: vec![from_pod.clone(), Match::FibSaddrIifMissing],
+            counter: true,
+            action: Action::Verdict(Verdict::Drop),
+            comment: Some("anti-spoofing: source is not the pod behind this interface".into()),
+        },
+    ];
+    let mut ingress = vec![established];
+    for family in Family::ALL {
+        let unknown = |field, iface: &Match, what: &str| Rule {
+            matches: vec![
+                iface.clone(),
+                Match::AddrInSet {
+                    family,
+                    field,
+                    set: names::pods_local(family),
+                    negate: true,
+                },
+            ],
+            counter: true,
+            action: Action::Verdict(Verdict::Drop),
+            comment: Some(format!("{what} a local pod weft does not know yet")),
+        };
+        egress.push(unknown(AddrField::Saddr, &from_pod, "fail closed: from"));
+        ingress.push(unknown(AddrField::Daddr, &to_pod, "fail closed: to"));
+    }
+    for family in Family::ALL {
+        egress.push(Rule {
+            matches: vec![],
+            counter: false,
+            action: Action::Vmap {
+                family,
+                field: AddrField::Saddr,
+                map: names::egress_dispatch(family),
+            },
+            comment: Some("isolated pods: judge their egress".into()),
+        });
+        ingress.push(Rule {
+            matches: vec![],
+            counter: false,
+            action: Action::Vmap {
+                family,
+                field: AddrField::Daddr,
+                map: names::ingress_dispatch(family),
+            },
+            comment: Some("isolated pods: judge their ingress".into()),
+        });
+    }
+    for (name, priority, rules) in [
+        (names::EGRESS_CHAIN, -1, egress),
+        (names::INGRESS_CHAIN, 0, ingress),
+    ] {
+        rs.chains.insert(
+            name.to_string(),
+            Chain {
+                def: ChainDef {
+                    name: name.to_string(),
+                    base: Some(BaseHook {
+                        kind: ChainType::Filter,
+                        hook: Hook::Forward,
+                        priority,
+                        policy: ChainPolicy::Accept,
+                    }),
+                },
+                rules,
+            },
+        );
+    }
+    rs
+}
+
+/// Whose named ports a named-port set holds.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PortScope {
+    /// Pods of a selection (egress to pod peers): ports resolve on the destination.
+    Selection(PodSelection),
+    /// Every member pod of the cluster (egress to an ipBlock or to anyone).
+    AllPods,
+    /// This node's pods of a policy's subject selection (ingress): ports resolve on the
+    /// destination, which is the local subject pod.
+    LocalSubjects(PodSelection),
+}
+
+/// A set a policy chain uses, by meaning; its name and elements derive from it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SetSpec {
+    /// IPs of the pods of a selection.
+    Pods(PodSelection),
+    /// An ipBlock: disjoint merged ranges (CIDR minus exceptions).
+    Block(IpBlock),
+    /// (IP, protocol, port) of the pods in scope that declare a named port.
+    NamedPort {
+        /// Whose ports.
+        scope: PortScope,
+        /// Port name.
+        name: String,
+        /// Protocol the container port must have.
+        protocol: Protocol,
+    },
+}
+
+impl SetSpec {
+    /// Canonical text of the meaning (hashed into the name, shown in the comment).
+    pub fn canonical(&self) -> String {
+        match self {
+            SetSpec::Pods(sel) => format!("pods {}", sel.canonical()),
+            SetSpec::Block(b) => format!("ipblock {}", b.canonical()),
+            SetSpec::NamedPort {
+                scope,
+                name,
+                protocol,
+            } => {
+                let scope = match scope {
+                    PortScope::Selection(s) => format!("pods {}", s.canonical()),
+                    PortScope::AllPods => "all pods".to_string(),
+                    PortScope::LocalSubjects(s) => format!("local pods {}", s.canonical()),
+                };
+                format!("port {name}/{} of {scope}", protocol.api_name())
+            }
+        }
+    }
+
+    /// The set's name for one family, e.g. `sel-k3j2a9bq-v4`.
+    pub fn name(&self, family: Family) -> String {
+        let kind = match self {
+            SetSpec::Pods(_) => "sel",
+            SetSpec::Block(_) => "cidr",
+            SetSpec::NamedPort { .. } => "nport",
+        };
+        format!(
+            "{kind}-{}-{}",
+            short_hash(&self.canonical()),
+            family.suffix()
+        )
+    }
+
+    /// The set's definition for one family.
+    pub fn def(&self, family: Family) -> SetDef {
+        let addr = family.addr_type();
+        let (key, interval) = match self {
+            SetSpec::Pods(_) => (vec![addr], false),
+            SetSpec::Block(_) => (vec![addr], true),
+            SetSpec::NamedPort { .. } => (
+                vec![addr, KeyField::InetProto, KeyField::InetService],
+                false,
+            ),
+        };
+        SetDef {
+            name: self.name(family),
+            key,
+            interval,
+            verdict_map: false,
+            comment: Some(fit_comment(&self.canonical())),
+        }
+    }
+
+    /// Elements of the set for one family, computed from the whole cluster.
+    pub fn elements(&self, cluster: &Cluster, node: &str, family: Family) -> BTreeSet<Key> {
+        match self {
+            SetSpec::Pods(sel) => cluster
+                .select(sel)
+                .filter_map(|p| p.ip(family))
+                .map(|ip| Key::point(vec![addr_value(ip)]))
+                .collect(),
+            SetSpec::Block(block) => block_ranges(block)
+                .into_iter()
+                .filter(|(from, _)| family_of(*from) == family)
+                .map(|(from, to)| Key::range(vec![addr_value(from)], vec![addr_value(to)]))
+                .collect(),
+            SetSpec::NamedPort {
+                scope,
+                name,
+                protocol,
+            } => {
+                let pods: Box<dyn Iterator<Item = &Pod>> = match scope {
+                    PortScope::Selection(sel) => Box::new(cluster.select(sel)),
+                    PortScope::AllPods => Box::new(cluster.pods.values().filter(|p| p.is_member())),
+                    PortScope::LocalSubjects(sel) => {
+                        Box::new(cluster.select(sel).filter(move |p| p.node == node))
+                    }
+                };
+                pods.flat_map(|p| named_port_keys(p, name, *protocol, family))
+                    .collect()
+            }
+        }
+    }
+}
+
+/// The named-port elements one pod contributes: (its IP, protocol, each matching port).
+pub fn named_port_keys(pod: &Pod, name: &str, protocol: Protocol, family: Family) -> Vec<Key> {
+    let Some(ip) = pod.ip(family) else {
+        return Vec::new();
+    };
+    pod.named_port(name, protocol)
+        .map(|port| {
+            Key::point(vec![
+                addr_value(ip),
+                Value::Proto(protocol.number()),
+                Value::Port(port),
+            ])
+        })
+        .collect()
+}
+
+/// An address as a set key value.
+pub fn addr_value(ip: IpAddr) -> Value {
+    match ip {
+        IpAddr::V4(a) => Value::V4(a),
+        IpAddr::V6(a) => Value::V6(a),
+    }
+}
+
+/// CIDR minus exceptions as disjoint, merged, inclusive ranges in ascending order.
+pub fn block_ranges(block: &IpBlock) -> Vec<(IpAddr, IpAddr)> {
+    let to_u128 = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    };
+    let v4 = matches!(block.cidr.addr(), IpAddr::V4(_));
+    let from_u128 = |n: u128| -> IpAddr {
+        if v4 {
+            IpAddr::V4(
+                u32::try_from(n)
+                    .expect("IPv4 range stays within u32")
+                    .into(),
+            )
+        } else {
+            IpAddr::V6(n.into())
+        }
+    };
+    let mut ranges = vec![(
+        to_u128(block.cidr.network()),
+        to_u128(block.cidr.broadcast()),
+    )];
+    let mut excepts: Vec<(u128, u128)> = block
+        .except
+        .iter()
+        .map(|e| (to_u128(e.network()), to_u128(e.broadcast())))
+        .collect();
+    excepts.sort();
+    for (elo, ehi) in excepts {
+        let mut next = Vec::new();
+        for (lo, hi) in ranges {
+            if ehi < lo || elo > hi {
+                next.push((lo, hi));
+                continue;
+            }
+            if elo > lo {
+                next.push((lo, elo - 1));
+            }
+            if ehi < hi {
+                next.push((ehi + 1, hi));
+            }
+        }
+        ranges = next;
+    }
+    ranges.sort();
+    // Merge touching ranges (exceptions never create overlaps, but keep the invariant local).
+    let mut merged: Vec<(u128, u128)> = Vec::new();
+    for (lo, hi) in ranges {
+        match merged.last_mut() {
+            Some(last) if last.1.checked_add(1) == Some(lo) || last.1 >= lo => {
+                last.1 = last.1.max(hi)
+            }
+            _ => merged.push((lo, hi)),
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(lo, hi)| (from_u128(lo), from_u128(hi)))
+        .collect()
+}
+
+/// Name of a policy's chain for one direction: `pol-<hash>-<ns>-<name>-in`.
+pub fn policy_chain_name(policy: &Policy, direction: Direction) -> String {
+    let hash = short_hash(&format!("{}:{}", policy.key, direction.short()));
+    let suffix = format!("-{}", direction.short());
+    let mut name = object_name(
+        "pol",
+        &hash,
+        &format!("{}-{}", policy.key.namespace, policy.key.name),
+    );
+    name.truncate(MAX_NAME_BYTES - suffix.len());
+    name + &suffix
+}
+
+/// Name of the group chain for a set of policy chains: `grp-<hash>-in`.
+pub fn group_chain_name(policy_chains: &[String], direction: Direction) -> String {
+    format!(
+        "grp-{}-{}",
+        short_hash(&policy_chains.join(",")),
+        direction.short()
+    )
+}
+
+/// A group chain: tries each policy's chain in order, drops what none accepted.
+pub fn group_chain(
+    name: &str,
+    policy_chains: &[String],
+    policies: &[&Policy],
+    direction: Direction,
+) -> Chain {
+    let mut rules: Vec<Rule> = policy_chains
+        .iter()
+        .map(|c| Rule {
+            matches: vec![],
+            counter: false,
+            action: Action::Verdict(Verdict::Jump(c.clone())),
+            comment: None,
+        })
+        .collect();
+    let who: Vec<String> = policies.iter().map(|p| p.key.to_string()).collect();
+    rules.push(Rule {
+        matches: vec![],
+        counter: true,
+        action: Action::Verdict(Verdict::Drop),
+        comment: Some(fit_comment(&format!(
+            "{} isolated by {}: no rule allows",
+            direction.api_name(),
+            who.join(", ")
+        ))),
+    });
+    Chain {
+        def: ChainDef {
+            name: name.to_string(),
+            base: None,
+        },
+        rules,
+    }
+}
+
+/// One policy's chain for one direction, and the sets its rules use.
+///
+/// Each (rule, peer, port) becomes one nft rule per family it concerns; a rule that allows
+/// from anyone on a numbered port is family-independent and written once. A rule whose peers or
+/// ports were all unusable writes nothing (fail closed).
+pub fn policy_chain(policy: &Policy, direction: Direction) -> (Chain, BTreeSet<(SetSpec, Family)>) {
+    let mut rules = Vec::new();
+    let mut refs = BTreeSet::new();
+    let subject = policy.subject_selection();
+    for (ri, rule) in policy
+        .rules(direction)
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        emit_rule(policy, direction, ri, rule, &subject, &mut rules, &mut refs);
+    }
+    let chain = Chain {
+        def: ChainDef {
+            name: policy_chain_name(policy, direction),
+            base: None,
+        },
+        rules,
+    };
+    (chain, refs)
+}
+
+#[allow(clippy::too_many_arguments)] // the rule's full context: direction, indices, outputs
+fn emit_rule(
+    policy: &Policy,
+    direction: Direction,
+    ri: usize,
+    rule: &PolicyRule,
+    subject: &PodSelection,
+    rules: &mut Vec<Rule>,
+    refs: &mut BTreeSet<(SetSpec, Family)>,
+) {
+    let peer_word = match direction {
+        Direction::Ingress => "from",
+        Direction::Egress => "to",
+    };
+    // (index for the comment, peer); None = any peer.
+    let peers: Vec<(Option<usize>, Option<&Peer>)> = match &rule.peers {
+        None => vec![(None, None)],
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (Some(i), Some(p)))
+            .collect(),
+    };
+    let ports: Vec<(Option<usize>, Option<&PortSpec>)> = match &rule.ports {
+        None => vec![(None, None)],
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (Some(i), Some(p)))
+            .collect(),
+    };
+    let peer_field = match direction {
+        Direction::Ingress => AddrField::Saddr,
+        Direction::Egress => AddrField::Daddr,
+    };
+    for (pi, peer) in &peers {
+        for (qi, port) in &ports {
+            let mut comment = format!("{} {}[{ri}]", policy.key, direction.api_name());
+            if let Some(pi) = pi {
+                comment.push_str(&format!(" {peer_word}[{pi}]"));
+            }
+            if let Some(qi) = qi {
+                comment.push_str(&format!(" ports[{qi}]"));
+            }
+            let comment = Some(fit_comment(&comment));
+            let families: Vec<Family> = match (peer, port) {
+                (Some(Peer::Block(b)), _) => vec![b.family()],
+                (Some(Peer::Pods(_)), _) | (_, Some(PortSpec::Named { .. })) => {
+                    Family::ALL.to_vec()
+                }
+                (None, _) => vec![],
+            };
+            if families.is_empty() {
+                // Any peer, numbered or no port: one family-independent rule.
+                rules.push(Rule {
+                    matches: port.map(port_match).into_iter().flatten().collect(),
+                    counter: false,
+                    action: Action::Verdict(Verdict::Accept),
+                    comment: comment.clone(),
+                });
+                continue;
+            }
+            for family in families {
+                let mut matches = Vec::new();
+                // Egress to pods on a named port: the named-port set already holds exactly the
+                // peer pods' (IP, protocol, port), so no separate peer match is needed.
+                let named_egress_to_pods = direction == Direction::Egress
+                    && matches!(port, Some(PortSpec::Named { .. }))
+                    && matches!(peer, Some(Peer::Pods(_)));
+                match peer {
+                    Some(Peer::Pods(sel)) if !named_egress_to_pods => {
+                        let spec = SetSpec::Pods(sel.clone());
+                        matches.push(Match::AddrInSet {
+                            family,
+                            field: peer_field,
+                            set: spec.name(family),
+                            negate: false,
+                        });
+                        refs.insert((spec, family));
+                    }
+                    Some(Peer::Block(b)) => {
+                        let spec = SetSpec::Block(b.clone());
+                        matches.push(Match::AddrInSet {
+                            family,
+                            field: peer_field,
+                            set: spec.name(family),
+                            negate: false,
+                        });
+                        refs.insert((spec, family));
+                    }
+                    _ => {}
+                }
+                match port {
+                    Some(PortSpec::Named { protocol, name }) => {
+                        let scope = match (direction, peer) {
+                            (Direction::Ingress, _) => PortScope::LocalSubjects(subject.clone()),
+                            (Direction::Egress, Some(Peer::Pods(sel))) => {
+                                PortScope::Selection(sel.clone())
+                            }
+                            (Direction::Egress, _) => PortScope::AllPods,
+                        };
+                        let spec = SetSpec::NamedPort {
+                            scope,
+                            name: name.clone(),
+                            protocol: *protocol,
+                        };
+                        matches.push(Match::DestPortInSet {
+                            family,
+                            set: spec.name(family),
+                        });
+                        refs.insert((spec, family));
+                    }
+                    Some(other) => matches.extend(port_match(other)),
+                    None => {}
+                }
+                rules.push(Rule {
+                    matches,
+                    counter: false,
+                    action: Action::Verdict(Verdict::Accept),
+                    comment: comment.clone(),
+                });
+            }
+        }
+    }
+}
+
+/// The match of a numbered or protocol-only port entry (named ports use sets).
+fn port_match(port: &PortSpec) -> Option<Match> {
+    match port {
+        PortSpec::AllPorts(p) => Some(Match::L4Proto(*p)),
+        PortSpec::Numbers {
+            protocol,
+            first,
+            last,
+        } => Some(Match::DestPort {
+            protocol: *protocol,
+            first: *first,
+            last: *last,
+        }),
+        PortSpec::Named { .. } => None,
+    }
+}
+
+/// The policies isolating a local pod in one direction, ordered by their chain names.
+pub fn isolating<'a>(cluster: &'a Cluster, pod: &Pod, direction: Direction) -> Vec<&'a Policy> {
+    let mut out: Vec<&Policy> = cluster
+        .policies
+        .values()
+        .filter(|p| {
+            p.key.namespace == pod.key.namespace
+                && p.rules(direction).is_some()
+                && p.subject.matches(&pod.labels)
+        })
+        .collect();
+    out.sort_by_key(|p| policy_chain_name(p, direction));
+    out
+}
+
+/// Compiles the whole desired table of `node` from scratch.
+pub fn compile(cluster: &Cluster, node: &str, table: &str) -> Ruleset {
+    let mut rs = base_ruleset(table);
+    let local: Vec<&Pod> = cluster
+        .pods
+        .values()
+        .filter(|p| p.is_member() && p.node == node)
+        .collect();
+
+    let mut needed: BTreeSet<(SetSpec, Family)> = BTreeSet::new();
+    let mut policy_chains: BTreeMap<String, Chain> = BTreeMap::new();
+    for pod in &local {
+        for family in Family::ALL {
+            if let Some(ip) = pod.ip(family) {
+                insert_elem(
+                    &mut rs,
+                    &names::pods_local(family),
+                    Key::point(vec![addr_value(ip)]),
+                    None,
+                );
+            }
+        }
+        for direction in Direction::ALL {
+            let policies = isolating(cluster, pod, direction);
+            if policies.is_empty() {
+                continue;
+            }
+            let chain_names: Vec<String> = policies
+                .iter()
+                .map(|p| policy_chain_name(p, direction))
+                .collect();
+            for p in &policies {
+                let name = policy_chain_name(p, direction);
+                if let std::collections::btree_map::Entry::Vacant(slot) = policy_chains.entry(name)
+                {
+                    let (chain, refs) = policy_chain(p, direction);
+                    needed.extend(refs);
+                    slot.insert(chain);
+                }
+            }
+            let group = group_chain_name(&chain_names, direction);
+            if !rs.chains.contains_key(&group) {
+                let chain = group_chain(&group, &chain_names, &policies, direction);
+                rs.chains.insert(group.clone(), chain);
+            }
+            for family in Family::ALL {
+                if let Some(ip) = pod.ip(family) {
+                    insert_elem(
+                        &mut rs,
+                        &dispatch_map(direction, family),
+                        Key::point(vec![addr_value(ip)]),
+                        Some(Verdict::Jump(group.clone())),
+                    );
+                }
+            }
+        }
+    }
+    rs.chains.extend(policy_chains);
+    for (spec, family) in needed {
+        let mut set = Set::new(spec.def(family));
+        set.elements = spec
+            .elements(cluster, node, family)
+            .into_iter()
+            .map(|k| (k, None))
+            .collect();
+        rs.sets.insert(set.def.name.clone(), set);
+    }
+    rs
+}
+
+fn insert_elem(rs: &mut Ruleset, set: &str, key: Key, data: Option<Verdict>) {
+    rs.sets
+        .get_mut(set)
+        .expect("base_ruleset creates every fixed set")
+        .elements
+        .insert(key, data);
+}
+
+/// Whether a selection's namespace scope could include the namespace `ns`.
+pub fn scope_mentions(sel: &PodSelection, ns: &str) -> bool {
+    match &sel.namespaces {
+        NamespaceScope::Own(own) => own == ns,
+        NamespaceScope::Selected(_) => true,
+    }
+}

@@ -723,3 +723,227 @@ pub fn scope_mentions(sel: &PodSelection, ns: &str) -> bool {
         NamespaceScope::Selected(_) => true,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ContainerPort, Namespace, ObjectKey, PolicyRule, ip_block};
+    use crate::selector::LabelSelector;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn pod(ns: &str, name: &str, node: &str, ips: &[&str], l: &[(&str, &str)]) -> Pod {
+        Pod {
+            key: ObjectKey::new(ns, name),
+            uid: format!("uid-{name}"),
+            labels: labels(l),
+            ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            node: node.into(),
+            ports: vec![ContainerPort {
+                name: Some("http".into()),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+            host_network: false,
+            terminated: false,
+        }
+    }
+
+    /// Two namespaces, three pods (two on this node), an ingress policy with a named port, a
+    /// namespace selector and an ipBlock with an exception, and a default-deny egress.
+    fn shop() -> Cluster {
+        let mut c = Cluster::default();
+        for (ns, team) in [("shop", "a"), ("clients", "b")] {
+            c.namespaces
+                .insert(ns.into(), Namespace::new(ns, labels(&[("team", team)])));
+        }
+        for p in [
+            pod(
+                "shop",
+                "api",
+                "node-0",
+                &["10.244.0.5", "fd00:10:244::5"],
+                &[("app", "api")],
+            ),
+            pod("shop", "db", "node-0", &["10.244.0.6"], &[("app", "db")]),
+            pod(
+                "clients",
+                "ui",
+                "node-1",
+                &["10.244.1.7", "fd00:10:244:1::7"],
+                &[("app", "ui")],
+            ),
+        ] {
+            c.pods.insert(p.key.clone(), p);
+        }
+        let api_ingress = Policy {
+            key: ObjectKey::new("shop", "api-ingress"),
+            uid: String::new(),
+            subject: LabelSelector::from_labels([("app", "api")]),
+            ingress: Some(vec![
+                PolicyRule {
+                    peers: Some(vec![Peer::Pods(PodSelection {
+                        namespaces: NamespaceScope::Selected(LabelSelector::from_labels([(
+                            "team", "b",
+                        )])),
+                        pods: LabelSelector::from_labels([("app", "ui")]),
+                    })]),
+                    ports: Some(vec![PortSpec::Named {
+                        protocol: Protocol::Tcp,
+                        name: "http".into(),
+                    }]),
+                },
+                PolicyRule {
+                    peers: Some(vec![Peer::Block(
+                        ip_block("10.0.0.0/8", &["10.244.0.0/16".into()]).unwrap(),
+                    )]),
+                    ports: Some(vec![PortSpec::Numbers {
+                        protocol: Protocol::Tcp,
+                        first: 8000,
+                        last: 8100,
+                    }]),
+                },
+            ]),
+            egress: None,
+            errors: vec![],
+        };
+        let deny_egress = Policy {
+            key: ObjectKey::new("shop", "default-deny-egress"),
+            uid: String::new(),
+            subject: LabelSelector::everything(),
+            ingress: None,
+            egress: Some(vec![PolicyRule {
+                peers: None,
+                ports: Some(vec![PortSpec::Numbers {
+                    protocol: Protocol::Udp,
+                    first: 53,
+                    last: 53,
+                }]),
+            }]),
+            errors: vec![],
+        };
+        for p in [api_ingress, deny_egress] {
+            c.policies.insert(p.key.clone(), p);
+        }
+        c
+    }
+
+    /// Compares with a golden file; `WEFT_UPDATE_GOLDEN=1` rewrites it.
+    fn golden(name: &str, got: &str) {
+        let path = format!("{}/src/golden/{name}", env!("CARGO_MANIFEST_DIR"));
+        if std::env::var_os("WEFT_UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, got).unwrap();
+        }
+        let want = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e} (run with WEFT_UPDATE_GOLDEN=1 once)"));
+        if want != got {
+            let first = want
+                .lines()
+                .zip(got.lines())
+                .position(|(a, b)| a != b)
+                .unwrap_or(want.lines().count().min(got.lines().count()));
+            panic!(
+                "{path} differs from the compiled ruleset at line {}:\n--- golden\n{}\n--- compiled\n{}",
+                first + 1,
+                want.lines().nth(first).unwrap_or("<end>"),
+                got.lines().nth(first).unwrap_or("<end>")
+            );
+        }
+    }
+
+    #[test]
+    fn golden_shop_on_the_node_with_the_api() {
+        golden(
+            "shop-node-0.nft",
+            &compile(&shop(), "node-0", "weft").to_string(),
+        );
+    }
+
+    #[test]
+    fn golden_shop_on_a_node_without_isolated_pods() {
+        // node-1 holds only `clients/ui`, which no policy selects: the skeleton and its pod.
+        golden(
+            "shop-node-1.nft",
+            &compile(&shop(), "node-1", "weft").to_string(),
+        );
+    }
+
+    #[test]
+    fn golden_empty_cluster() {
+        golden(
+            "empty.nft",
+            &compile(&Cluster::default(), "node-0", "weft").to_string(),
+        );
+    }
+
+    #[test]
+    fn pods_sharing_policies_share_one_group_chain() {
+        let mut c = shop();
+        let mut twin = c.pods[&ObjectKey::new("shop", "api")].clone();
+        twin.key.name = "api-2".into();
+        twin.ips = vec!["10.244.0.9".parse().unwrap()];
+        c.pods.insert(twin.key.clone(), twin);
+        let rs = compile(&c, "node-0", "weft");
+        let groups: Vec<&String> = rs.chains.keys().filter(|n| n.starts_with("grp-")).collect();
+        // api+api-2 share (api-ingress) in and (deny-egress) out; db has only deny-egress out.
+        assert_eq!(groups.len(), 2, "{groups:?}");
+        let map = &rs.sets[&names::ingress_dispatch(Family::V4)].elements;
+        assert_eq!(map.len(), 2);
+        let verdicts: BTreeSet<_> = map.values().collect();
+        assert_eq!(verdicts.len(), 1);
+    }
+
+    #[test]
+    fn block_ranges_subtract_exceptions_into_disjoint_ranges() {
+        let b = ip_block("10.0.0.0/8", &["10.1.0.0/16".into(), "10.0.0.0/24".into()]).unwrap();
+        let r: Vec<String> = block_ranges(&b)
+            .into_iter()
+            .map(|(a, z)| format!("{a}-{z}"))
+            .collect();
+        assert_eq!(r, vec!["10.0.1.0-10.0.255.255", "10.2.0.0-10.255.255.255"]);
+        let all6 = ip_block("::/0", &[]).unwrap();
+        assert_eq!(block_ranges(&all6).len(), 1);
+    }
+
+    #[test]
+    fn a_rule_whose_peers_were_all_unusable_allows_nothing_but_still_isolates() {
+        let mut c = shop();
+        let p = c
+            .policies
+            .get_mut(&ObjectKey::new("shop", "api-ingress"))
+            .unwrap();
+        p.ingress = Some(vec![PolicyRule {
+            peers: Some(vec![]),
+            ports: None,
+        }]);
+        let name = policy_chain_name(p, Direction::Ingress);
+        let rs = compile(&c, "node-0", "weft");
+        assert!(rs.chains[&name].rules.is_empty());
+        assert_eq!(
+            rs.sets[&names::ingress_dispatch(Family::V4)].elements.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn names_and_comments_fit_the_kernel() {
+        let mut c = shop();
+        let long = "n".repeat(253);
+        let mut p = c.policies[&ObjectKey::new("shop", "api-ingress")].clone();
+        p.key.name = long;
+        c.policies.insert(p.key.clone(), p);
+        let rs = compile(&c, "node-0", "weft");
+        for (name, chain) in &rs.chains {
+            assert!(name.len() <= crate::ruleset::MAX_NAME_BYTES, "{name}");
+            for r in &chain.rules {
+                let len = r.comment.as_deref().map_or(0, str::len);
+                assert!(len <= crate::ruleset::MAX_COMMENT_BYTES, "{r}");
+            }
+        }
+    }
+}

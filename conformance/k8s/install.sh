@@ -9,7 +9,6 @@
 #   WEFT_CACHE        cache root (default /var/cache/weft)
 #   WEFT_K8S_VERSION  k8s.io/kubernetes version (default below)
 #   WEFT_ETCD_VERSION go.etcd.io/etcd/server/v3 version (default below)
-#   WEFT_NO_KUBECTL=1 do not build kubectl
 #
 # Idempotent: when every binary is present and reports the pinned version, it
 # only prints where they are. See README.md for the recipe and measured times.
@@ -21,8 +20,7 @@ CACHE_ROOT=${WEFT_CACHE:-/var/cache/weft}
 KEY="${K8S_VERSION#v}-etcd${ETCD_VERSION#v}"
 BIN_DIR="$CACHE_ROOT/k8s/$KEY/bin"
 
-K8S_CMDS=(kube-apiserver kube-controller-manager kube-proxy)
-[[ "${WEFT_NO_KUBECTL:-0}" == 1 ]] || K8S_CMDS+=(kubectl)
+K8S_CMDS=(kube-apiserver kube-controller-manager kube-proxy kubectl)
 
 if [[ "${1:-}" == --print ]]; then
   echo "$BIN_DIR"

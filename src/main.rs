@@ -17,12 +17,7 @@ enum Command {
 }
 
 fn version_text() -> &'static str {
-    concat!(
-        env!("CARGO_PKG_VERSION"),
-        " (nft schema ",
-        "1",
-        ")"
-    )
+    concat!(env!("CARGO_PKG_VERSION"), " (nft schema ", "1", ")")
 }
 
 fn main() {

@@ -626,13 +626,8 @@ fn port_match(port: &PortSpec) -> Option<Match> {
 /// The policies isolating a local pod in one direction, ordered by their chain names.
 pub fn isolating<'a>(cluster: &'a Cluster, pod: &Pod, direction: Direction) -> Vec<&'a Policy> {
     let mut out: Vec<&Policy> = cluster
-        .policies
-        .values()
-        .filter(|p| {
-            p.key.namespace == pod.key.namespace
-                && p.rules(direction).is_some()
-                && p.subject.matches(&pod.labels)
-        })
+        .policies_in_namespace(&pod.key.namespace)
+        .filter(|p| p.rules(direction).is_some() && p.subject.matches(&pod.labels))
         .collect();
     out.sort_by_key(|p| policy_chain_name(p, direction));
     out

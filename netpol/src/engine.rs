@@ -530,7 +530,7 @@ impl Engine {
         if specs.is_empty() {
             return;
         }
-        let pods: Vec<Pod> = pods_in(&self.cluster, name).cloned().collect();
+        let pods: Vec<Pod> = self.cluster.pods_in_namespace(name).cloned().collect();
         for pod in pods.iter().filter(|p| p.is_member()) {
             for (set, (spec, family)) in &specs {
                 let before =
@@ -576,7 +576,9 @@ impl Engine {
             }
         }
         // Which local pods of its namespace it isolates may have changed.
-        let local: Vec<ObjectKey> = pods_in(&self.cluster, &key.namespace)
+        let local: Vec<ObjectKey> = self
+            .cluster
+            .pods_in_namespace(&key.namespace)
             .filter(|p| p.is_member() && p.node == self.node)
             .map(|p| p.key.clone())
             .collect();
@@ -622,17 +624,6 @@ fn spec_has_namespace_selector(spec: &SetSpec) -> bool {
         _ => return false,
     };
     matches!(sel.namespaces, NamespaceScope::Selected(_))
-}
-
-/// Pods of one namespace (a range of the pod map).
-fn pods_in<'a>(cluster: &'a Cluster, ns: &str) -> impl Iterator<Item = &'a Pod> + 'a {
-    let start = ObjectKey::new(ns, "");
-    let ns = ns.to_string();
-    cluster
-        .pods
-        .range(start..)
-        .take_while(move |(k, _)| k.namespace == ns)
-        .map(|(_, p)| p)
 }
 
 /// The elements one member pod adds to a set (empty for non-members).

@@ -89,10 +89,7 @@ impl Pod {
 
     /// The pod's IP of one family.
     pub fn ip(&self, family: Family) -> Option<IpAddr> {
-        self.ips
-            .iter()
-            .copied()
-            .find(|ip| family_of(*ip) == family)
+        self.ips.iter().copied().find(|ip| family_of(*ip) == family)
     }
 
     /// The port numbers a named port resolves to on this pod, for one protocol.
@@ -413,7 +410,11 @@ impl Pod {
             .map(|s| s.containers.as_slice())
             .unwrap_or_default()
             .iter()
-            .chain(spec.and_then(|s| s.init_containers.as_ref()).into_iter().flatten())
+            .chain(
+                spec.and_then(|s| s.init_containers.as_ref())
+                    .into_iter()
+                    .flatten(),
+            )
             .flat_map(|c| c.ports.iter().flatten())
             .filter_map(|p| {
                 Some(ContainerPort {
@@ -467,11 +468,12 @@ impl Policy {
         );
         let default_spec = net::NetworkPolicySpec::default();
         let spec = np.spec.as_ref().unwrap_or(&default_spec);
-        let subject =
-            selector_from_api(spec.pod_selector.as_ref()).map_err(|source| PolicyError::Subject {
+        let subject = selector_from_api(spec.pod_selector.as_ref()).map_err(|source| {
+            PolicyError::Subject {
                 policy: key.clone(),
                 source,
-            })?;
+            }
+        })?;
         let mut errors = Vec::new();
 
         let has_egress_rules = spec.egress.as_ref().is_some_and(|e| !e.is_empty());
@@ -591,16 +593,18 @@ impl<'a> RuleCtx<'a> {
             (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
                 Err("ipBlock cannot be combined with a selector".to_string())
             }
-            (Some(b), None, None) => ip_block(&b.cidr, b.except.as_deref().unwrap_or_default())
-                .map(Peer::Block),
+            (Some(b), None, None) => {
+                ip_block(&b.cidr, b.except.as_deref().unwrap_or_default()).map(Peer::Block)
+            }
             (None, None, None) => Err("peer has no selector and no ipBlock".to_string()),
             (None, pods, nss) => {
-                let pods = selector_from_api(pods.as_ref())
-                    .map_err(|e| format!("podSelector: {e}"))?;
+                let pods =
+                    selector_from_api(pods.as_ref()).map_err(|e| format!("podSelector: {e}"))?;
                 let namespaces = match nss {
                     None => NamespaceScope::Own(self.policy.namespace.clone()),
                     Some(s) => NamespaceScope::Selected(
-                        selector_from_api(Some(s)).map_err(|e| format!("namespaceSelector: {e}"))?,
+                        selector_from_api(Some(s))
+                            .map_err(|e| format!("namespaceSelector: {e}"))?,
                     ),
                 };
                 Ok(Peer::Pods(PodSelection { namespaces, pods }))
@@ -717,11 +721,43 @@ impl Cluster {
         self.namespaces.get(ns).map(|n| &n.labels)
     }
 
-    /// Member pods (see [`Pod::is_member`]) matching a selection.
-    pub fn select<'a>(&'a self, sel: &'a PodSelection) -> impl Iterator<Item = &'a Pod> + 'a {
+    /// Member pods (see [`Pod::is_member`]) matching a selection. Visits only the namespaces
+    /// the selection's scope can include.
+    pub fn select<'a>(&'a self, sel: &'a PodSelection) -> Box<dyn Iterator<Item = &'a Pod> + 'a> {
+        let matching = move |p: &&Pod| {
+            p.is_member() && sel.matches(p, self.namespace_labels(&p.key.namespace))
+        };
+        match &sel.namespaces {
+            NamespaceScope::Own(ns) => Box::new(self.pods_in_namespace(ns).filter(matching)),
+            NamespaceScope::Selected(s) if !s.is_everything() => Box::new(
+                self.namespaces
+                    .values()
+                    .filter(move |n| s.matches(&n.labels))
+                    .flat_map(move |n| self.pods_in_namespace(&n.name))
+                    .filter(matching),
+            ),
+            NamespaceScope::Selected(_) => Box::new(self.pods.values().filter(matching)),
+        }
+    }
+
+    /// Pods of one namespace (a range of the pod map, ordered by name).
+    pub fn pods_in_namespace<'a>(&'a self, ns: &str) -> impl Iterator<Item = &'a Pod> + 'a {
+        let start = ObjectKey::new(ns, "");
+        let ns = ns.to_string();
         self.pods
-            .values()
-            .filter(move |p| p.is_member() && sel.matches(p, self.namespace_labels(&p.key.namespace)))
+            .range(start..)
+            .take_while(move |(k, _)| k.namespace == ns)
+            .map(|(_, p)| p)
+    }
+
+    /// Policies of one namespace.
+    pub fn policies_in_namespace<'a>(&'a self, ns: &str) -> impl Iterator<Item = &'a Policy> + 'a {
+        let start = ObjectKey::new(ns, "");
+        let ns = ns.to_string();
+        self.policies
+            .range(start..)
+            .take_while(move |(k, _)| k.namespace == ns)
+            .map(|(_, p)| p)
     }
 
     /// The member pod that owns an address, if any.

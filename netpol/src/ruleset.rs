@@ -211,10 +211,7 @@ impl Key {
 
     /// An inclusive range, for interval sets.
     pub fn range(from: Vec<Value>, to: Vec<Value>) -> Key {
-        Key {
-            from,
-            to: Some(to),
-        }
+        Key { from, to: Some(to) }
     }
 }
 

@@ -136,7 +136,7 @@ make_pki() {
 start_in_ns() { # name ns cmd...   (logs in DIR/logs/name.log, pid in DIR/pids/name.pid)
   local name=$1 ns=$2 pid; shift 2
   # `ip netns exec` and `setsid` (not a group leader here) both exec: $! is the daemon.
-  setsid ip netns exec "$ns" "$@" </dev/null >"$DIR/logs/$name.log" 2>&1 &
+  setsid ip netns exec "$ns" "$@" </dev/null >"$DIR/logs/$name.log" 2>&1 3>&- &
   pid=$!
   sleep 0.2
   echo "$pid $(proc_start "$pid")" >"$DIR/pids/$name.pid"
@@ -276,7 +276,10 @@ EOF
   # From here on, any failure or interrupt tears down what was started.
   # (set -e turns a failed command into an exit; die exits; both run the EXIT trap)
   UP_OK=0
-  trap 'rc=$?; if [[ $UP_OK != 1 ]]; then log "up failed (exit $rc): tearing down"; cmd_down || true; fi; exit $rc' EXIT
+  # The trap may fire while a command runs with stderr sent to /dev/null (wait_for):
+  # fd 3 keeps the caller's stderr for the teardown messages (daemons get 3>&-).
+  exec 3>&2
+  trap 'rc=$?; if [[ $UP_OK != 1 ]]; then { log "up failed (exit $rc): tearing down"; cmd_down || true; } 2>&3; fi; exit $rc' EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
 

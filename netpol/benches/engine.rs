@@ -72,7 +72,7 @@ fn measure(
 /// every label-based selection), on odd ones the original labels come back.
 fn relabel(pod: &Pod, i: usize) -> Pod {
     let mut p = pod.clone();
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         p.labels.retain(|k, _| k == "pod");
         p.labels.insert("app".into(), "a-moved".into());
     }
@@ -191,7 +191,18 @@ fn main() {
         "policy added (selects local pods)",
         iterations / 4,
         |i| {
-            let np = synth::api_policy(&mut rng, &params, &ns_with_local, &format!("bench-{i}"));
+            let mut np =
+                synth::api_policy(&mut rng, &params, &ns_with_local, &format!("bench-{i}"));
+            // Make sure it selects the local pod, so the node has to compile it.
+            if let Some(spec) = np.spec.as_mut() {
+                spec.pod_selector = Some(
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                        match_labels: Some([("pod".to_string(), local.key.name.clone())].into()),
+                        ..Default::default()
+                    },
+                );
+                spec.policy_types = Some(vec!["Ingress".into(), "Egress".into()]);
+            }
             let pol =
                 weft_netpol::model::Policy::from_api(&np).expect("generated policies are valid");
             let key = pol.key.clone();

@@ -317,7 +317,7 @@ impl Direction {
 
 /// A peer or port of a policy that was dropped, and why. The policy is still enforced.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{policy}: {direction}[{rule}] {place}: {reason}")]
+#[error("{policy}: {}: {reason}", self.location())]
 pub struct RuleError {
     /// The policy.
     pub policy: ObjectKey,
@@ -329,6 +329,17 @@ pub struct RuleError {
     pub place: String,
     /// Why it cannot be used.
     pub reason: String,
+}
+
+impl RuleError {
+    /// Where in the object: `ingress[0] from[1]`, or `spec.policyTypes[2]`.
+    pub fn location(&self) -> String {
+        if self.direction == "spec" {
+            format!("spec.{}", self.place)
+        } else {
+            format!("{}[{}] {}", self.direction, self.rule, self.place)
+        }
+    }
 }
 
 /// A policy that cannot be enforced at all (its own pod selector is unusable). The engine keeps
@@ -411,9 +422,12 @@ impl Pod {
             .unwrap_or_default()
             .iter()
             .chain(
+                // Sidecars (init containers that keep running) serve ports too; the others
+                // exit before the pod runs.
                 spec.and_then(|s| s.init_containers.as_ref())
                     .into_iter()
-                    .flatten(),
+                    .flatten()
+                    .filter(|c| c.restart_policy.as_deref() == Some("Always")),
             )
             .flat_map(|c| c.ports.iter().flatten())
             .filter_map(|p| {

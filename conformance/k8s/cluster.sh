@@ -28,7 +28,7 @@ KCM_CONTROLLERS=node-ipam-controller,endpointslice-controller,serviceaccount-con
 
 log() { printf '[cluster.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 # --- state recorded in DIR ------------------------------------------------------
 # DIR/state/netns     one namespace name a line, written BEFORE the namespace is created

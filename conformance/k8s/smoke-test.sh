@@ -87,7 +87,7 @@ check "created Node node1" K get node node1 -o name
 podcidrs() { K get node node1 -o jsonpath='{.spec.podCIDRs}' 2>/dev/null; }
 two_cidrs() { [[ "$(podcidrs | jq 'length' 2>/dev/null)" == 2 ]]; }
 check "node1 gets two podCIDRs within ${TIMEOUT}s" eventually two_cidrs
-CIDRS=$(podcidrs)
+CIDRS=$(podcidrs); CIDRS=${CIDRS:-[]}
 echo "     node1 podCIDRs: $CIDRS"
 check "node1 IPv4 podCIDR is a /24 inside 10.244.0.0/16" \
   bash -c "jq -e 'map(select(test(\"^10\\\\.244\\\\.[0-9]+\\\\.0/24$\"))) | length == 1' <<<'$CIDRS' >/dev/null"
@@ -153,7 +153,7 @@ K create -f - >/dev/null <<'EOF'
  "spec": {"ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"],
           "selector": {"app": "web"}, "ports": [{"port": 80, "protocol": "TCP"}]}}
 EOF
-IPS=$(K get service ds -n smoke -o jsonpath='{.spec.clusterIPs}')
+IPS=$(K get service ds -n smoke -o jsonpath='{.spec.clusterIPs}'); IPS=${IPS:-[]}
 echo "     smoke/ds clusterIPs: $IPS"
 check "dual-stack Service gets an IPv4 ClusterIP in 10.96.0.0/16" \
   bash -c "jq -e '.[0] | test(\"^10\\\\.96\\\\.\")' <<<'$IPS' >/dev/null"

@@ -14,7 +14,8 @@ CLUSTER="$HERE/cluster.sh"
 export WEFT_NS_PREFIX=${WEFT_NS_PREFIX:-weft-smoke}
 export WEFT_NODES=2
 TIMEOUT=${WEFT_CHECK_TIMEOUT:-60}
-DIR=${1:-$(mktemp -d /tmp/weft-k8s-smoke.XXXXXX)}
+OWN_DIR=0
+if [[ -n "${1:-}" ]]; then DIR=$1; else DIR=$(mktemp -d /tmp/weft-k8s-smoke.XXXXXX); OWN_DIR=1; fi
 
 PASS=0 FAIL=0
 ok()  { PASS=$((PASS + 1)); printf 'ok   - %s\n' "$*"; }
@@ -174,4 +175,9 @@ done
 check "no control-plane process left${alive:+ (alive:$alive)}" test -z "$alive"
 
 summary
-((FAIL == 0))
+if ((FAIL == 0)); then
+  ((OWN_DIR)) && rm -rf "$DIR"   # keep a temp DIR (logs) only when something failed
+  exit 0
+fi
+echo "smoke-test: logs kept in $DIR/logs"
+exit 1

@@ -748,17 +748,17 @@ impl NftBackend {
                 // libnftnl could not parse it (an expression it does not know): keep the rule
                 // as unrecognised, found by its attributes.
                 None => {
-                    if let Some((t, chain, handle)) = rule_identity(m) {
-                        if t == table {
-                            rules.push((
-                                chain,
-                                RawRule {
-                                    handle,
-                                    exprs: None,
-                                    udata: None,
-                                },
-                            ));
-                        }
+                    if let Some((t, chain, handle)) = rule_identity(m)
+                        && t == table
+                    {
+                        rules.push((
+                            chain,
+                            RawRule {
+                                handle,
+                                exprs: None,
+                                udata: None,
+                            },
+                        ));
                     }
                 }
             }

@@ -265,7 +265,7 @@ pub enum LowerError {
 /// nft uses a 128-bit register (`NFT_REG_1 + n`) when the offset is a multiple of 16 bytes and
 /// a 32-bit one (`NFT_REG32_00 + n`) otherwise (nft's `netlink_put_register`).
 pub fn concat_register(words: u32) -> u32 {
-    if words % 4 == 0 {
+    if words.is_multiple_of(4) {
         REG_1 + words / 4
     } else {
         8 + words
@@ -551,7 +551,7 @@ fn raise_addr(e: &RawExpr) -> Option<(Family, AddrField)> {
     }
 }
 
-fn cmp_data<'a>(e: &'a RawExpr, want_op: u32) -> Option<&'a [u8]> {
+fn cmp_data(e: &RawExpr, want_op: u32) -> Option<&[u8]> {
     match e {
         RawExpr::Cmp {
             sreg: REG_1,

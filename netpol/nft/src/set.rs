@@ -29,6 +29,8 @@ pub const SET_MAP: u32 = 0x8;
 pub const SET_CONCAT: u32 = 0x80;
 /// `NFT_DATA_VERDICT`: the data type of a verdict map.
 pub const DATA_VERDICT: u32 = 0xffff_ff00;
+/// Data length the kernel reports for a verdict map (`sizeof(struct nft_verdict)`).
+pub const KERNEL_VERDICT_LEN: u32 = 16;
 /// `NFT_SET_ELEM_INTERVAL_END`
 pub const ELEM_INTERVAL_END: u32 = 0x1;
 
@@ -243,7 +245,12 @@ pub fn decode_def(raw: &RawSet) -> Result<SetDef, String> {
         verdict_map: raw.flags & SET_MAP != 0,
         comment,
     };
-    let want = encode_def(&def).map_err(|e| e.to_string())?;
+    let mut want = encode_def(&def).map_err(|e| e.to_string())?;
+    if def.verdict_map {
+        // nft sends data length 0 for a verdict map; the kernel stores and reports
+        // `sizeof(struct nft_verdict)`.
+        want.data_len = Some(KERNEL_VERDICT_LEN);
+    }
     if want != *raw {
         return Err(format!(
             "definition differs from weft's (flags {:#x}, key {}/{}, data {:?}/{:?}, concat {:?})",
@@ -508,7 +515,7 @@ pub fn decode_elements(
         }
         bounds.push((v, !is_end, e));
     }
-    bounds.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    bounds.sort_by_key(|b| (b.0, b.1));
     let mut open: Option<(Value, &RawElem)> = None;
     for (v, is_start, e) in bounds {
         match (is_start, open.take()) {
@@ -658,7 +665,12 @@ mod tests {
                 "{key:?}"
             );
             assert_eq!(raw.data_type, map.then_some(DATA_VERDICT));
-            assert_eq!(decode_def(&raw), Ok(d));
+            let mut dumped = raw.clone();
+            if map {
+                assert_eq!(raw.data_len, Some(0), "nft sends 0");
+                dumped.data_len = Some(KERNEL_VERDICT_LEN);
+            }
+            assert_eq!(decode_def(&dumped), Ok(d));
         }
         let pr = encode_def(&def(vec![InetProto, InetService], true, false)).unwrap();
         assert_eq!(pr.concat, vec![1, 2]);

@@ -595,7 +595,7 @@ pub struct ParsedRule {
 /// Copies a message into 4-byte aligned storage if it is not aligned already, so libnftnl can
 /// read `struct nlmsghdr` through a pointer.
 fn with_aligned<T>(bytes: &[u8], f: impl FnOnce(*const libc::nlmsghdr) -> T) -> T {
-    if (bytes.as_ptr() as usize) % 4 == 0 {
+    if (bytes.as_ptr() as usize).is_multiple_of(4) {
         f(bytes.as_ptr().cast())
     } else {
         let mut words = vec![0u32; bytes.len().div_ceil(4)];
@@ -876,7 +876,7 @@ unsafe fn parse_expr(e: *const sys::nftnl_expr) -> RawExpr {
             name: name.clone(),
             text: expr_text(e),
         };
-        let parsed = match name.as_str() {
+        match name.as_str() {
             "meta" if only(&[sys::NFTNL_EXPR_META_KEY, sys::NFTNL_EXPR_META_DREG]) => {
                 RawExpr::Meta {
                     key: get(sys::NFTNL_EXPR_META_KEY),
@@ -991,8 +991,7 @@ unsafe fn parse_expr(e: *const sys::nftnl_expr) -> RawExpr {
                 }
             }
             _ => other(),
-        };
-        parsed
+        }
     }
 }
 

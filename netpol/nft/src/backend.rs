@@ -8,9 +8,7 @@
 //! or a timeout mean the outcome is unknown: the error says so, the socket is replaced before
 //! its next use, and the caller re-dumps.
 //!
-//! `dump_raw` reads one table with `GETTABLE`, `GETCHAIN`, `GETSET`, `GETSETELEM` per set and
-//! `GETRULE`, between two `GETGEN`s; a dump flagged `NLM_F_DUMP_INTR` or a generation that
-//! moved is retried (a bounded number of times).
+//! Reading the table back (`dump`, `dump_raw`) is in [`crate::walk`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;
@@ -18,14 +16,13 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use weft_netpol::diff::Op;
-use weft_netpol::ruleset::{ChainDef, ChainPolicy, ChainType, Hook, Ruleset};
+use weft_netpol::ruleset::{ChainDef, ChainPolicy, ChainType, Hook};
 
-use crate::dump::{KernelTable, RawRule, RawTable, interpret};
 use crate::error::NftError;
 use crate::expr;
-use crate::netlink::{self, Message, msg, udata};
+use crate::netlink::{self, msg, udata};
 use crate::set::{self, RawElem};
-use crate::sys::{self, Get, MsgBuf, RecvBuf};
+use crate::sys::{self, MsgBuf, RecvBuf};
 
 /// Oldest kernel weft supports.
 pub const MIN_KERNEL: (u32, u32) = (5, 15);
@@ -37,9 +34,9 @@ pub const DESTROY_KERNEL: (u32, u32) = (6, 3);
 const ELEMENT_BYTES_PER_MESSAGE: usize = 32 * 1024;
 /// How long to wait for acks or dump replies before declaring the outcome unknown. nfnetlink
 /// answers inside `sendto`, so this is only reached when something is badly wrong.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Dump attempts before giving up on a ruleset that keeps changing.
-const DUMP_ATTEMPTS: usize = 5;
+pub(crate) const DUMP_ATTEMPTS: usize = 5;
 /// Receive buffer for one datagram (dumps send up to 32 KiB per datagram, acks far less).
 const RECV_BUFFER: usize = 256 * 1024;
 
@@ -100,7 +97,9 @@ pub struct ApplyReport {
     pub bytes: usize,
     /// Acks read (equal to `messages` after a commit).
     pub acks: usize,
-    /// Time from encoding to the last ack.
+    /// Time spent encoding the ops into netlink messages.
+    pub encoding: Duration,
+    /// Time from encoding to the last ack (encoding included).
     pub elapsed: Duration,
 }
 
@@ -128,20 +127,20 @@ struct Batch {
 /// elsewhere (an async runtime, another namespace) run it on its own thread with
 /// [`crate::NftThread`].
 pub struct NftBackend {
-    socket: mnl::Socket,
-    portid: u32,
-    seq: u32,
+    pub(crate) socket: mnl::Socket,
+    pub(crate) portid: u32,
+    pub(crate) seq: u32,
     kernel: KernelVersion,
     options: NftOptions,
     /// Buffer sizes already forced on the socket.
     sndbuf: usize,
     rcvbuf: usize,
     /// Set when replies may be left unread: the socket is replaced before its next use.
-    dirty: bool,
-    recv: RecvBuf,
+    pub(crate) dirty: bool,
+    pub(crate) recv: RecvBuf,
 }
 
-fn socket_err(step: &'static str) -> impl FnOnce(std::io::Error) -> NftError {
+pub(crate) fn socket_err(step: &'static str) -> impl FnOnce(std::io::Error) -> NftError {
     move |source| NftError::Socket { step, source }
 }
 
@@ -194,13 +193,13 @@ impl NftBackend {
         &self.kernel
     }
 
-    fn next_seq(&mut self) -> u32 {
+    pub(crate) fn next_seq(&mut self) -> u32 {
         self.seq = self.seq.wrapping_add(1).max(1);
         self.seq
     }
 
     /// Replaces a socket that may hold unread replies: never read stale acks as new ones.
-    fn ensure_clean(&mut self) -> Result<(), NftError> {
+    pub(crate) fn ensure_clean(&mut self) -> Result<(), NftError> {
         if self.dirty {
             tracing::warn!("replacing a netlink socket that may hold unread replies");
             let (socket, portid) = open_socket()?;
@@ -255,6 +254,7 @@ impl NftBackend {
         }
         self.ensure_clean()?;
         let batch = self.encode(table, ops)?;
+        let encoding = started.elapsed();
         let messages = batch.sent.len();
         self.size_buffers(batch.buf.len(), messages)?;
         let bytes = batch.buf.as_bytes();
@@ -281,6 +281,7 @@ impl NftBackend {
             elements: batch.elements,
             bytes: batch.buf.len(),
             acks,
+            encoding,
             elapsed: started.elapsed(),
         };
         tracing::debug!(
@@ -460,7 +461,7 @@ impl NftBackend {
                     self.dirty = true;
                     return Err(NftError::OutcomeUnknown {
                         reason: format!(
-                            "ENOBUFS: {} of {} acks lost; the transaction may or may not have been committed",
+                            "ENOBUFS: acks lost, {} of {} unread; the transaction may or may not have been committed",
                             pending.len(),
                             batch.sent.len()
                         ),
@@ -541,284 +542,6 @@ impl NftBackend {
         }
         Ok(acks)
     }
-
-    /// Sends one request and hands every reply message to `on_msg` until the dump ends
-    /// (`NLMSG_DONE`) or, for a plain request, its ack arrives. Returns whether a reply was
-    /// flagged `NLM_F_DUMP_INTR`. An error ack ends the request with `Err(errno)` inside `Ok`.
-    fn request(
-        &mut self,
-        what: Get<'_>,
-        mut on_msg: impl FnMut(&Message<'_>) -> Result<(), NftError>,
-    ) -> Result<Result<bool, i32>, NftError> {
-        let seq = self.next_seq();
-        let mut buf = MsgBuf::new();
-        buf.get(seq, what);
-        let fd = self.socket.as_raw_fd();
-        self.dirty = true; // until the last reply is read
-        self.socket
-            .send(buf.as_bytes())
-            .map_err(socket_err("send a request"))?;
-        let deadline = Instant::now() + REPLY_TIMEOUT;
-        let mut interrupted = false;
-        loop {
-            let Some(n) =
-                sys::recv_nonblocking(fd, &mut self.recv).map_err(socket_err("receive"))?
-            else {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let ready = sys::poll_readable(fd, left.as_millis().min(i32::MAX as u128) as i32)
-                    .map_err(socket_err("wait for a reply"))?;
-                if !ready {
-                    return Err(NftError::Socket {
-                        step: "wait for a reply",
-                        source: std::io::Error::from(std::io::ErrorKind::TimedOut),
-                    });
-                }
-                continue;
-            };
-            let datagram = self.recv.bytes(n).to_vec();
-            let msgs = netlink::messages(&datagram).map_err(|e| NftError::Socket {
-                step: "parse a reply",
-                source: std::io::Error::other(e),
-            })?;
-            for m in &msgs {
-                if m.header.seq != seq {
-                    continue;
-                }
-                if m.header.flags & netlink::NLM_F_DUMP_INTR != 0 {
-                    interrupted = true;
-                }
-                match m.header.kind {
-                    netlink::NLMSG_DONE => {
-                        self.dirty = false;
-                        return Ok(Ok(interrupted));
-                    }
-                    netlink::NLMSG_ERROR => {
-                        self.dirty = false;
-                        return Ok(match m.errno() {
-                            Some(0) => Ok(interrupted),
-                            Some(errno) => Err(errno),
-                            None => Err(libc::EPROTO),
-                        });
-                    }
-                    _ => on_msg(m)?,
-                }
-            }
-        }
-    }
-
-    /// The ruleset generation (`GETGEN`; a plain request answered by `NEWGEN` and an ack).
-    pub fn generation(&mut self) -> Result<u32, NftError> {
-        self.ensure_clean()?;
-        let mut gen_id = None;
-        let res = self.request(Get::Gen, |m| {
-            if m.header.nft_msg() == Some(msg::NEWGEN) {
-                gen_id = m.gen_id();
-            }
-            Ok(())
-        })?;
-        let dump_err = |reason: String| NftError::Dump {
-            table: String::new(),
-            reason,
-        };
-        res.map_err(|errno| dump_err(format!("GETGEN: errno {errno}")))?;
-        gen_id.ok_or_else(|| dump_err("GETGEN: no generation in the reply".into()))
-    }
-
-    /// Reads table `table` (family `inet`) as the kernel holds it, as netlink objects; `None`
-    /// if there is no such table. Retries while the ruleset changes underneath.
-    pub fn dump_raw(&mut self, table: &str) -> Result<Option<RawTable>, NftError> {
-        for attempt in 1..=DUMP_ATTEMPTS {
-            self.ensure_clean()?;
-            let before = self.generation()?;
-            let Some(dumped) = self.dump_once(table)? else {
-                tracing::debug!(table, attempt, "dump interrupted, retrying");
-                continue;
-            };
-            let after = self.generation()?;
-            if before == after {
-                return Ok(dumped);
-            }
-            tracing::debug!(
-                table,
-                before,
-                after,
-                attempt,
-                "generation moved during dump, retrying"
-            );
-        }
-        Err(NftError::Dump {
-            table: table.to_string(),
-            reason: format!("the ruleset changed during each of {DUMP_ATTEMPTS} attempts"),
-        })
-    }
-
-    /// One pass; `Ok(None)` if a reply was flagged `NLM_F_DUMP_INTR`.
-    #[allow(clippy::type_complexity)] // Option<Option<_>>: interrupted vs. no table.
-    fn dump_once(&mut self, table: &str) -> Result<Option<Option<RawTable>>, NftError> {
-        let fail = |reason: String| NftError::Dump {
-            table: table.to_string(),
-            reason,
-        };
-        let table_c = CString::new(table).map_err(|_| fail("name contains NUL".into()))?;
-        let mut parsed_table = None;
-        let res = self.request(Get::Table(&table_c), |m| {
-            if m.header.nft_msg() == Some(msg::NEWTABLE) {
-                parsed_table = sys::parse_table(m.bytes);
-            }
-            Ok(())
-        })?;
-        match res {
-            Err(libc::ENOENT) => return Ok(Some(None)),
-            Err(errno) => return Err(fail(format!("GETTABLE: errno {errno}"))),
-            Ok(true) => return Ok(None),
-            Ok(false) => {}
-        }
-        let t = parsed_table.ok_or_else(|| fail("GETTABLE: unparseable reply".into()))?;
-        let mut raw = RawTable {
-            name: t.name,
-            flags: t.flags,
-            udata: t.udata,
-            chains: BTreeMap::new(),
-            sets: BTreeMap::new(),
-            elements: BTreeMap::new(),
-            rules: BTreeMap::new(),
-        };
-
-        let mut chains = Vec::new();
-        let mut bad = None;
-        let res = self.request(Get::Chains(&table_c), |m| {
-            match sys::parse_chain(m.bytes) {
-                Some(c) if c.table == table => chains.push(c),
-                Some(_) => {}
-                None => bad = Some("unparseable chain"),
-            }
-            Ok(())
-        })?;
-        if dump_step(res, bad, &fail)? {
-            return Ok(None);
-        }
-        for c in chains {
-            raw.rules.entry(c.name.clone()).or_default();
-            raw.chains.insert(c.name.clone(), c);
-        }
-
-        let mut sets = Vec::new();
-        let res = self.request(Get::Sets(&table_c), |m| {
-            match sys::parse_set(m.bytes) {
-                Some((t, s)) if t == table => sets.push(s),
-                Some(_) => {}
-                None => bad = Some("unparseable set"),
-            }
-            Ok(())
-        })?;
-        if dump_step(res, bad, &fail)? {
-            return Ok(None);
-        }
-        for s in sets {
-            let name_c =
-                CString::new(s.name.as_str()).map_err(|_| fail("NUL in a set name".into()))?;
-            let mut elems: Vec<RawElem> = Vec::new();
-            let res = self.request(Get::Elements(&table_c, &name_c), |m| {
-                match sys::parse_elements(m.bytes) {
-                    Some((_, _, e)) => elems.extend(e),
-                    None => bad = Some("unparseable set elements"),
-                }
-                Ok(())
-            })?;
-            if dump_step(res, bad, &fail)? {
-                return Ok(None);
-            }
-            elems.sort();
-            raw.elements.insert(s.name.clone(), elems);
-            raw.sets.insert(s.name.clone(), s);
-        }
-
-        let mut rules: Vec<(String, RawRule)> = Vec::new();
-        let res = self.request(Get::Rules(&table_c), |m| {
-            match sys::parse_rule(m.bytes) {
-                Some(r) if r.table == table => rules.push((
-                    r.chain,
-                    RawRule {
-                        handle: r.handle,
-                        exprs: Some(r.exprs),
-                        udata: r.udata,
-                    },
-                )),
-                Some(_) => {}
-                // libnftnl could not parse it (an expression it does not know): keep the rule
-                // as unrecognised, found by its attributes.
-                None => {
-                    if let Some((t, chain, handle)) = rule_identity(m)
-                        && t == table
-                    {
-                        rules.push((
-                            chain,
-                            RawRule {
-                                handle,
-                                exprs: None,
-                                udata: None,
-                            },
-                        ));
-                    }
-                }
-            }
-            Ok(())
-        })?;
-        if dump_step(res, bad, &fail)? {
-            return Ok(None);
-        }
-        for (chain, rule) in rules {
-            raw.rules.entry(chain).or_default().push(rule);
-        }
-        Ok(Some(Some(raw)))
-    }
-
-    /// Reads table `table` and interprets it as weft's [`Ruleset`], with what could not be
-    /// interpreted listed (see [`crate::dump`]).
-    pub fn dump_table(&mut self, table: &str) -> Result<Option<KernelTable>, NftError> {
-        let Some(raw) = self.dump_raw(table)? else {
-            return Ok(None);
-        };
-        let kt = interpret(&raw);
-        for f in &kt.foreign {
-            tracing::warn!(table, object = %f, "not weft's: will be replaced");
-        }
-        Ok(Some(kt))
-    }
-
-    /// Reads table `table` back as the [`Ruleset`] the compiler would produce for that state.
-    /// Objects weft did not write appear in a form no desired ruleset has, so
-    /// `weft_netpol::diff` replaces them (see [`crate::dump`]).
-    pub fn dump(&mut self, table: &str) -> Result<Option<Ruleset>, NftError> {
-        Ok(self.dump_table(table)?.map(|kt| kt.ruleset))
-    }
-}
-
-/// Result of one dump request: `Ok(true)` if interrupted.
-fn dump_step(
-    res: Result<bool, i32>,
-    bad: Option<&'static str>,
-    fail: &impl Fn(String) -> NftError,
-) -> Result<bool, NftError> {
-    if let Some(reason) = bad {
-        return Err(fail(reason.to_string()));
-    }
-    res.map_err(|errno| fail(format!("errno {errno}")))
-}
-
-/// Table, chain and handle of a `NEWRULE` message, read straight from its attributes.
-fn rule_identity(m: &Message<'_>) -> Option<(String, String, u64)> {
-    let (mut table, mut chain, mut handle) = (None, None, None);
-    let text = |d: &[u8]| String::from_utf8(d.split(|b| *b == 0).next()?.to_vec()).ok();
-    for a in m.nft_attrs() {
-        match a.kind {
-            1 => table = text(a.data),
-            2 => chain = text(a.data),
-            3 => handle = Some(u64::from_be_bytes(a.data.get(..8)?.try_into().ok()?)),
-            _ => {}
-        }
-    }
-    Some((table?, chain?, handle?))
 }
 
 /// Splits raw elements into groups that fit one message.

@@ -43,6 +43,7 @@ pub mod netlink;
 pub mod set;
 mod sys;
 pub mod thread;
+pub mod walk;
 
 pub use backend::{ApplyReport, KernelVersion, NftBackend, NftOptions};
 pub use dump::{Foreign, KernelTable, RawTable};

@@ -22,6 +22,9 @@
 //! crate only sees owned Rust values: every pointer is allocated, used and freed inside one
 //! function, every `*_get_*` result is copied out before its object is freed, and every parse
 //! function receives a message whose length was checked by [`crate::netlink::messages`].
+//!
+//! Long (over 800 lines) on purpose: it is all of the crate's unsafe code, kept in one file so
+//! it can be audited in one sitting; each function is one libnftnl object in or out.
 
 #![allow(unsafe_code)]
 

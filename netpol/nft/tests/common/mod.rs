@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // each test binary uses a part of it
 
+pub mod shapes;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};

@@ -1,6 +1,6 @@
 //! Netlink framing in safe Rust: message headers, acks, attributes, the nftables message types.
 //!
-//! The FFI module ([`crate::sys`]) builds and parses nftables *objects* through libnftnl; this
+//! The FFI module (`sys`) builds and parses nftables *objects* through libnftnl; this
 //! module reads the *framing* around them (which message, which sequence number, which errno)
 //! straight from the bytes, so the ack loop and the dump walker never touch a raw pointer.
 

@@ -481,6 +481,12 @@ unsafe fn build_expr(e: &RawExpr) -> io::Result<NonNull<sys::nftnl_expr>> {
             ));
         }
     };
+    // Names first, so that a name with NUL fails before anything is allocated.
+    let name_arg = match e {
+        RawExpr::Lookup { set, .. } => Some(cstring(set)?),
+        RawExpr::Verdict { chain: Some(c), .. } => Some(cstring(c)?),
+        _ => None,
+    };
     // SAFETY: known expression names; attributes below are the ones each type defines.
     unsafe {
         let Some(x) = NonNull::new(sys::nftnl_expr_alloc(name.as_ptr())) else {
@@ -539,13 +545,11 @@ unsafe fn build_expr(e: &RawExpr) -> io::Result<NonNull<sys::nftnl_expr>> {
                 u32_(sys::NFTNL_EXPR_FIB_DREG, *dreg);
             }
             RawExpr::Lookup {
-                set,
-                sreg,
-                dreg,
-                flags,
+                sreg, dreg, flags, ..
             } => {
-                let set = cstring(set)?;
-                sys::nftnl_expr_set_str(p, sys::NFTNL_EXPR_LOOKUP_SET as u16, set.as_ptr());
+                if let Some(set) = &name_arg {
+                    sys::nftnl_expr_set_str(p, sys::NFTNL_EXPR_LOOKUP_SET as u16, set.as_ptr());
+                }
                 u32_(sys::NFTNL_EXPR_LOOKUP_SREG, *sreg);
                 if let Some(d) = dreg {
                     u32_(sys::NFTNL_EXPR_LOOKUP_DREG, *d);
@@ -555,11 +559,10 @@ unsafe fn build_expr(e: &RawExpr) -> io::Result<NonNull<sys::nftnl_expr>> {
                 }
             }
             RawExpr::Counter => {}
-            RawExpr::Verdict { code, chain } => {
+            RawExpr::Verdict { code, .. } => {
                 u32_(sys::NFTNL_EXPR_IMM_DREG, crate::expr::REG_VERDICT);
                 u32_(sys::NFTNL_EXPR_IMM_VERDICT, *code as u32);
-                if let Some(c) = chain {
-                    let c = cstring(c)?;
+                if let Some(c) = &name_arg {
                     sys::nftnl_expr_set_str(p, sys::NFTNL_EXPR_IMM_CHAIN as u16, c.as_ptr());
                 }
             }

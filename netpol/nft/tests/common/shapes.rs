@@ -111,6 +111,10 @@ pub fn every_shape() -> Ruleset {
         vec![
             (range(v4("10.0.0.0"), v4("10.0.255.255")), None),
             (range(v4("10.2.0.0"), v4("10.255.255.255")), None),
+            (range(v4("172.16.0.0"), v4("172.16.255.255")), None),
+            // Adjacent to the one before: the kernel keeps the end of one and the start of the
+            // next at the same address.
+            (range(v4("172.17.0.0"), v4("172.17.255.255")), None),
             (range(v4("192.168.1.5"), v4("192.168.1.9")), None),
             (range(v4("203.0.113.7"), v4("203.0.113.7")), None),
             (range(v4("255.255.255.0"), v4("255.255.255.255")), None),

@@ -6,8 +6,9 @@
 //! touched. It never flushes the table: changes are the ops `weft_netpol::diff` computed.
 //!
 //! **The flow**:
-//! 1. [`NftBackend::dump`] reads the table over netlink (`GETGEN`, `GETTABLE`, `GETCHAIN`,
-//!    `GETSET`, `GETSETELEM`, `GETRULE`, `GETGEN`) and interprets it ([`dump::interpret`]):
+//! 1. [`NftBackend::dump`] reads the table over netlink ([`walk`]: `GETGEN`, `GETTABLE`,
+//!    `GETCHAIN`, `GETSET`, `GETSETELEM`, `GETRULE`, `GETGEN`) and interprets it
+//!    ([`dump::interpret`]):
 //!    the same `Ruleset` the compiler produces for that state, rules recognised back from
 //!    their exact bytecode ([`expr::raise`]), interval sets reassembled into ranges.
 //! 2. `weft_netpol::diff(current, desired)` gives the ops.
@@ -32,6 +33,20 @@
 //! call covers which gap; everything else in this crate is safe code (`#![deny(unsafe_code)]`).
 //!
 //! Newcomers: start with [`sync`] and [`NftBackend`].
+//!
+//! ```no_run
+//! use weft_netpol::Ruleset;
+//! use weft_nft::NftThread;
+//!
+//! # fn main() -> Result<(), weft_nft::NftError> {
+//! // The backend of one node, in that node's network namespace.
+//! let nft = NftThread::spawn_in_netns("/run/netns/node-1")?;
+//! let desired = Ruleset::new("weft"); // what the compiler produced
+//! let (diff, report) = nft.sync(desired)?;
+//! println!("{} ops in {} messages, {:?}", diff.ops.len(), report.messages, report.elapsed);
+//! # Ok(())
+//! # }
+//! ```
 
 #![deny(unsafe_code)]
 

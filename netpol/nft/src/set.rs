@@ -12,6 +12,11 @@
 //!   first gets nft's `0 [end]` element;
 //! - concatenated interval sets: one element with `KEY` and `KEY_END`, `NFT_SET_CONCAT` and the
 //!   field lengths (`DESC_CONCAT`).
+//!
+//! One deviation, invisible to lookups and to [`decode_elements`]: nft also sends the leading
+//! `0 [end]` when it fills a set that already exists but is empty; we only know a set is empty
+//! when it was created in the same transaction, so a set created empty and filled later has no
+//! such element (the kernel's interval lookup does not need it).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};

@@ -13,7 +13,7 @@ fi
 # Debian packages: nft and ip as independent readers in tests, libnftnl/libmnl for the netlink
 # backend, openssl for the test cluster's certificates, iperf3/socat/tcpdump for traffic tests.
 PKGS=(nftables iproute2 libnftnl-dev libmnl-dev pkg-config build-essential openssl ca-certificates
-      iperf3 socat tcpdump procps psmisc curl)
+      iperf3 socat tcpdump procps psmisc curl jq)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -32,7 +32,8 @@ tier() {
   echo
   echo "==== tier $name (budget ${budget}s): $*"
   local start=$SECONDS
-  if timeout --kill-after=30 "$budget" "$@"; then
+  # Tier bodies are shell functions: run them in a child bash so `timeout` can bound them.
+  if timeout --kill-after=30 "$budget" bash -c "set -o pipefail; cd '$here'; $*"; then
     passed=$((passed + 1)); report+=("$(printf '%-8s passed in %4ds' "$name" $((SECONDS - start)))")
   else
     local rc=$?
@@ -66,6 +67,8 @@ bench_tier() {
   WEFT_BENCH_SIZE="$BENCH_SIZE" cargo bench -p weft-netpol --bench engine
 }
 
+export -f static_tier pure_tier kernel_tier cluster_tier bench_tier
+export BENCH_SIZE
 total=$SECONDS
 tier static 900 static_tier
 tier pure 900 pure_tier

@@ -1,13 +1,17 @@
 //! The `weft` binary: the node agent and the operator's tools, one CLI.
 //!
-//! Subcommands grow with the issues that bring them; today: `version` and `demo` (the engine on
-//! a small example, no kernel or cluster needed).
+//! Subcommands grow with the issues that bring them: `agent` (the node process), `demo` (the
+//! engine on a small example, no kernel or cluster needed), `version`.
 
+mod agent;
 mod demo;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
 
 /// weft: a Kubernetes CNI with an incremental nftables NetworkPolicy engine.
 #[derive(Parser, Debug)]
@@ -24,11 +28,41 @@ enum Command {
     /// Compile a small example cluster, print every node's ruleset and the connectivity table
     /// (simulated ruleset, cross-checked against the policy evaluator).
     Demo,
+    /// Run the node agent: watch the API, enforce NetworkPolicy in this network namespace.
+    Agent(AgentArgs),
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// This node's name.
+    #[arg(long, env = "WEFT_NODE_NAME")]
+    node: String,
+    /// Kubeconfig (default: in-cluster, then $KUBECONFIG / ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:6784")]
+    metrics_addr: String,
+    /// Local unix socket (CNI plugin, /debug/state).
+    #[arg(long, default_value = "/run/weft/agent.sock")]
+    socket: PathBuf,
+    /// nftables table name (family inet).
+    #[arg(long, default_value = "weft")]
+    table: String,
+    /// Seconds without any event or bookmark before a watch counts as stalled (>= 90).
+    #[arg(long, default_value_t = 150, value_parser = clap::value_parser!(u64).range(90..))]
+    stall_timeout: u64,
+    /// Program an in-memory table instead of the kernel (try the agent without root).
+    #[arg(long)]
+    dry_run: bool,
+    /// Test-only fault injection: `panic-policy=NAME` or `panic-watch=KIND`.
+    #[arg(long, env = "WEFT_FAULT_INJECT", hide = true)]
+    inject: Option<String>,
 }
 
 /// `0.1.0 (nft schema 1)`: the schema decides whether a restart adopts the kernel's table or
 /// replaces it. A test keeps the literal in step with `SCHEMA_VERSION`.
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (nft schema 1)");
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (nft schema 1)");
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -37,6 +71,7 @@ fn main() -> ExitCode {
             println!("weft {VERSION}");
             ExitCode::SUCCESS
         }
+        Some(Command::Agent(args)) => run_agent(args),
         Some(Command::Demo) => match demo::run() {
             Ok(text) => {
                 print!("{text}");
@@ -47,6 +82,64 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn run_agent(args: AgentArgs) -> ExitCode {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .init();
+    let mut watch = agent::watch::WatchConfig {
+        stall_timeout: Duration::from_secs(args.stall_timeout),
+        ..Default::default()
+    };
+    let mut inject_panic_policy = None;
+    if let Some(spec) = &args.inject {
+        match spec.split_once('=') {
+            Some(("panic-policy", name)) => inject_panic_policy = Some(name.to_string()),
+            Some(("panic-watch", kind)) => {
+                watch.inject_panic = agent::watch::Kind::ALL
+                    .into_iter()
+                    .find(|k| k.name() == kind)
+            }
+            _ => {
+                eprintln!("weft agent: unknown fault injection {spec:?}");
+                return ExitCode::from(2);
+            }
+        }
+        tracing::warn!(fault = %spec, "TEST-ONLY fault injection is on");
+    }
+    let cfg = agent::AgentConfig {
+        node: args.node,
+        kubeconfig: args.kubeconfig,
+        metrics_addr: args.metrics_addr,
+        socket: args.socket,
+        table: args.table,
+        watch,
+        dry_run: args.dry_run,
+        inject_panic_policy,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("weft agent: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agent::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("weft agent: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

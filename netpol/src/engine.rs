@@ -165,6 +165,25 @@ impl Engine {
         self.finish(Tracker::default())
     }
 
+    /// Ops that bring a kernel holding `current` (a fresh dump; `None`: no table) to the desired
+    /// table: adoption at start-up, and recovery after a failed transaction. Objects the kernel
+    /// must keep one transaction longer become pending.
+    pub fn resync(&mut self, current: Option<&Ruleset>) -> Vec<Op> {
+        let d = diff(current, &self.desired);
+        self.pending = Ruleset::new(&self.desired.table);
+        if let Some(cur) = current {
+            for name in &d.deferred {
+                if let Some(c) = cur.chains.get(name) {
+                    self.pending.chains.insert(name.clone(), c.clone());
+                }
+                if let Some(s) = cur.sets.get(name) {
+                    self.pending.sets.insert(name.clone(), s.clone());
+                }
+            }
+        }
+        d.ops
+    }
+
     /// Applies one change to the model and returns the ops that bring a kernel holding the
     /// previous desired table (plus pending objects) to the new one.
     pub fn apply(&mut self, change: Change) -> Vec<Op> {
@@ -950,6 +969,37 @@ mod tests {
                 .count();
             assert_eq!(deleted_groups, 0, "group deletes wait one transaction");
         }
+    }
+
+    #[test]
+    fn resync_adopts_an_unchanged_kernel_with_no_ops_and_repairs_drift() {
+        let p = GenParams::small(2, 12, 6);
+        let cluster = synth::cluster(&p, 11);
+        let mut engine = Engine::from_cluster(cluster, NODE, TABLE);
+        let mut fake = FakeBackend::new();
+        fake.apply(TABLE, &engine.resync(None)).unwrap();
+        // A restarted process over the same kernel: nothing to write.
+        assert!(engine.resync(fake.dump()).is_empty());
+        // Someone deletes an element by hand: exactly that element comes back.
+        let mut removed = None;
+        fake.tamper(|t| {
+            let set = t
+                .sets
+                .values_mut()
+                .find(|s| !s.elements.is_empty())
+                .unwrap();
+            let k = set.elements.keys().next().cloned().unwrap();
+            set.elements.remove(&k);
+            removed = Some((set.def.name.clone(), k));
+        });
+        let ops = engine.resync(fake.dump());
+        let (set, key) = removed.unwrap();
+        assert_eq!(ops.len(), 1, "{ops:#?}");
+        assert!(
+            matches!(&ops[0], Op::AddElements { set: s, elements } if *s == set && elements[0].0 == key)
+        );
+        fake.apply(TABLE, &ops).unwrap();
+        assert_eq!(fake.dump(), Some(engine.desired()));
     }
 
     #[test]

@@ -1,0 +1,81 @@
+//! Where the controller's transactions go: the kernel (through `weft-nft`) or, in tests, the
+//! in-memory kernel of `weft-netpol`.
+
+use weft_netpol::Ruleset;
+use weft_netpol::diff::Op;
+use weft_netpol::fake::FakeBackend;
+
+/// A kernel-like target for transactions.
+pub trait Backend: Send {
+    /// Reads weft's table back (`None`: there is none).
+    fn dump(&mut self) -> Result<Option<Ruleset>, String>;
+    /// Applies ops as one atomic transaction.
+    fn apply(&mut self, ops: &[Op]) -> Result<(), String>;
+    /// A line for the start-up log: what this backend is.
+    fn describe(&self) -> String;
+}
+
+/// The real kernel, on the netlink thread of `weft-nft`.
+pub struct Kernel {
+    table: String,
+    thread: weft_nft::thread::NftThread,
+}
+
+impl Kernel {
+    /// Opens netlink in the current network namespace.
+    pub fn open(table: &str) -> Result<Kernel, String> {
+        let thread = weft_nft::thread::NftThread::spawn().map_err(|e| e.to_string())?;
+        Ok(Kernel {
+            table: table.to_string(),
+            thread,
+        })
+    }
+}
+
+impl Backend for Kernel {
+    fn dump(&mut self) -> Result<Option<Ruleset>, String> {
+        self.thread.dump(&self.table).map_err(|e| e.to_string())
+    }
+
+    fn apply(&mut self, ops: &[Op]) -> Result<(), String> {
+        self.thread
+            .apply(&self.table, ops.to_vec())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn describe(&self) -> String {
+        format!("nftables over netlink, table inet {}", self.table)
+    }
+}
+
+/// The in-memory kernel (tests, and `weft agent --dry-run`).
+pub struct Memory {
+    table: String,
+    /// The fake kernel.
+    pub fake: FakeBackend,
+}
+
+impl Memory {
+    /// An empty in-memory kernel.
+    pub fn new(table: &str) -> Memory {
+        Memory {
+            table: table.to_string(),
+            fake: FakeBackend::new(),
+        }
+    }
+}
+
+impl Backend for Memory {
+    fn dump(&mut self) -> Result<Option<Ruleset>, String> {
+        Ok(self.fake.dump().cloned())
+    }
+
+    fn apply(&mut self, ops: &[Op]) -> Result<(), String> {
+        self.fake.apply(&self.table, ops).map_err(|e| e.to_string())
+    }
+
+    fn describe(&self) -> String {
+        "in-memory kernel (dry run)".to_string()
+    }
+}

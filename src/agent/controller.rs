@@ -1,0 +1,739 @@
+//! The controller: watch messages in, one kernel transaction per reconcile out.
+//!
+//! It runs on its own OS thread (the netlink backend is blocking and single-threaded), as a
+//! state machine: [`Phase::Syncing`] collects every kind's first complete list into a plain
+//! store and never touches the kernel (an unsynced store would delete every element); once all
+//! kinds have listed, [`Phase::Running`] adopts the kernel's table (dump → diff → apply only the
+//! difference) and then feeds each change to the incremental engine. Bursts are coalesced:
+//! everything queued is applied to the engine, then one transaction goes out.
+//!
+//! A failed transaction leaves the kernel as it was; the next reconcile re-dumps and diffs
+//! (`needs_resync`). A panic while reconciling is caught, counted, and followed by a rebuild of
+//! the engine from its store and a resync; the kernel keeps the last applied state meanwhile.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error, info, info_span, warn};
+use weft_netpol::diff::op_summary;
+use weft_netpol::engine::{Change, Engine};
+use weft_netpol::model::{Cluster, Namespace, ObjectKey, Pod, Policy};
+
+use super::backend::Backend;
+use super::metrics::Metrics;
+use super::watch::{Kind, Obj, WatchBody, WatchHealth, WatchMsg};
+
+/// A Kubernetes Event the controller wants published on an object.
+#[derive(Clone, Debug)]
+pub struct ObjectEvent {
+    /// The object (a NetworkPolicy today).
+    pub policy: ObjectKey,
+    /// `PascalCase` reason.
+    pub reason: String,
+    /// The human message.
+    pub note: String,
+}
+
+/// What the HTTP endpoints and the debug socket read.
+#[derive(Debug)]
+pub struct Shared {
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Health of each watch.
+    pub health: BTreeMap<Kind, Arc<WatchHealth>>,
+    /// Per kind: the last resourceVersion whose effects are in the kernel.
+    pub applied: Mutex<BTreeMap<Kind, String>>,
+    /// The first adoption succeeded.
+    pub adopted: AtomicBool,
+    /// The controller loop's last turn (for /healthz).
+    pub heartbeat: Mutex<Instant>,
+    /// Objects refused or partly dropped, with why (for status and /debug/state).
+    pub object_errors: Mutex<BTreeMap<ObjectKey, Vec<String>>>,
+    /// Size of the desired table: (sets, elements, chains, rules).
+    pub table_size: Mutex<(usize, usize, usize, usize)>,
+    /// Node name.
+    pub node: String,
+}
+
+impl Shared {
+    /// A fresh shared state for `node`.
+    pub fn new(node: &str, metrics: Arc<Metrics>) -> Shared {
+        Shared {
+            metrics,
+            health: Kind::ALL
+                .into_iter()
+                .map(|k| (k, Arc::new(WatchHealth::default())))
+                .collect(),
+            applied: Mutex::default(),
+            adopted: AtomicBool::new(false),
+            heartbeat: Mutex::new(Instant::now()),
+            object_errors: Mutex::default(),
+            table_size: Mutex::default(),
+            node: node.to_string(),
+        }
+    }
+
+    /// Ready: every watch listed, the kernel adopted, no watch down longer than `grace`.
+    pub fn ready(&self, grace: Duration) -> Result<(), String> {
+        if !self.adopted.load(Ordering::Relaxed) {
+            return Err("initial sync not applied to the kernel yet".into());
+        }
+        for (kind, h) in &self.health {
+            if !h.listed_once() {
+                return Err(format!("{} never listed", kind.name()));
+            }
+            if let Some(d) = h.down_for().filter(|d| *d > grace) {
+                return Err(format!("{} watch down for {}s", kind.name(), d.as_secs()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The controller's state machine.
+enum Phase {
+    /// Collecting first lists; the kernel is left exactly as the previous process left it.
+    Syncing {
+        store: Cluster,
+        listed: BTreeSet<Kind>,
+    },
+    /// Enforcing through the incremental engine.
+    Running { engine: Box<Engine> },
+}
+
+/// Settings of the controller.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// This node.
+    pub node: String,
+    /// nft table name.
+    pub table: String,
+    /// Test-only: panic once while handling the policy of this name.
+    pub inject_panic_policy: Option<String>,
+    /// Most transactions per second (a storm cannot melt the node).
+    pub max_reconciles_per_second: u32,
+}
+
+/// The controller.
+pub struct Controller {
+    cfg: ControllerConfig,
+    phase: Phase,
+    nodes: BTreeMap<String, k8s_openapi::api::core::v1::Node>,
+    backend: Box<dyn Backend>,
+    shared: Arc<Shared>,
+    events: Option<tokio::sync::mpsc::UnboundedSender<ObjectEvent>>,
+    /// Latest resourceVersion received per kind.
+    seen: BTreeMap<Kind, String>,
+    /// Oldest receipt time of a change not yet in the kernel.
+    unapplied_since: Option<Instant>,
+    needs_resync: bool,
+    /// The last valid version of policies, for objects that became invalid.
+    injected: bool,
+    last_reconcile: Option<Instant>,
+}
+
+impl Controller {
+    /// A controller in the syncing phase.
+    pub fn new(
+        cfg: ControllerConfig,
+        backend: Box<dyn Backend>,
+        shared: Arc<Shared>,
+        events: Option<tokio::sync::mpsc::UnboundedSender<ObjectEvent>>,
+    ) -> Controller {
+        Controller {
+            cfg,
+            phase: Phase::Syncing {
+                store: Cluster::default(),
+                listed: BTreeSet::new(),
+            },
+            nodes: BTreeMap::new(),
+            backend,
+            shared,
+            events,
+            seen: BTreeMap::new(),
+            unapplied_since: None,
+            needs_resync: true,
+            injected: false,
+            last_reconcile: None,
+        }
+    }
+
+    /// The engine, once running.
+    #[cfg(test)]
+    pub fn engine(&self) -> Option<&Engine> {
+        match &self.phase {
+            Phase::Running { engine } => Some(engine),
+            Phase::Syncing { .. } => None,
+        }
+    }
+
+    /// Runs until every sender of `rx` is gone.
+    pub fn run(mut self, rx: mpsc::Receiver<WatchMsg>) {
+        loop {
+            *self
+                .shared
+                .heartbeat
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            let mut batch = Vec::new();
+            match rx.recv_timeout(Duration::from_secs(1)) {
+                Ok(m) => batch.push(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            // Rate limit: wait out the minimum interval, coalescing whatever arrives.
+            if let Some(last) = self.last_reconcile {
+                let min = Duration::from_secs(1) / self.cfg.max_reconciles_per_second.max(1);
+                if let Some(wait) = min.checked_sub(last.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            while let Ok(m) = rx.try_recv() {
+                batch.push(m);
+                if batch.len() >= 50_000 {
+                    break;
+                }
+            }
+            self.step_guarded(batch);
+        }
+    }
+
+    /// One turn, with panics caught: the kernel keeps its last state, the engine is rebuilt.
+    pub fn step_guarded(&mut self, batch: Vec<WatchMsg>) {
+        let result = catch_unwind(AssertUnwindSafe(|| self.step(batch)));
+        if result.is_err() {
+            self.shared
+                .metrics
+                .reconcile_panics
+                .fetch_add(1, Ordering::Relaxed);
+            error!(
+                "panic while reconciling: rebuilding the engine from its store and resyncing; the kernel keeps enforcing the last applied state"
+            );
+            let rebuilt = catch_unwind(AssertUnwindSafe(|| {
+                if let Phase::Running { engine } = &mut self.phase {
+                    let cluster = engine.cluster().clone();
+                    **engine = Engine::from_cluster(cluster, &self.cfg.node, &self.cfg.table);
+                }
+            }));
+            if rebuilt.is_err() {
+                error!("rebuilding the engine panicked too; will retry");
+            }
+            self.needs_resync = true;
+        }
+    }
+
+    /// Applies a batch of watch messages and reconciles.
+    pub fn step(&mut self, batch: Vec<WatchMsg>) {
+        let started = Instant::now();
+        let mut changes = Vec::new();
+        for msg in batch {
+            if let Some(rv) = &msg.resource_version {
+                self.seen.insert(msg.kind, rv.clone());
+            }
+            if !matches!(msg.body, WatchBody::Progress) {
+                self.unapplied_since.get_or_insert(msg.received);
+            }
+            self.translate(msg, &mut changes);
+        }
+        let mut ops = Vec::new();
+        match &mut self.phase {
+            Phase::Syncing { store, .. } => {
+                for c in &changes {
+                    weft_netpol::synth::apply_change(store, c);
+                }
+            }
+            Phase::Running { engine } => {
+                for c in changes {
+                    ops.extend(engine.apply(c));
+                }
+            }
+        }
+        if let Phase::Syncing { store, listed } = &self.phase
+            && listed.len() == Kind::ALL.len()
+        {
+            info!(
+                pods = store.pods.len(),
+                namespaces = store.namespaces.len(),
+                policies = store.policies.len(),
+                "every watch has listed: adopting the kernel's table"
+            );
+            let engine = Engine::from_cluster(store.clone(), &self.cfg.node, &self.cfg.table);
+            self.phase = Phase::Running {
+                engine: Box::new(engine),
+            };
+            self.needs_resync = true;
+        }
+        let Phase::Running { engine } = &mut self.phase else {
+            return;
+        };
+        let span = info_span!("reconcile", node = %self.cfg.node);
+        let _enter = span.enter();
+        if self.needs_resync {
+            match self.backend.dump() {
+                Ok(current) => {
+                    ops = engine.resync(current.as_ref());
+                    info!(
+                        ops = ops.len(),
+                        "resync: diff of the kernel's table against the desired one"
+                    );
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot read the kernel's table; retrying");
+                    self.shared
+                        .metrics
+                        .reconcile_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        let mut ok = true;
+        if !ops.is_empty() {
+            ok = self.transaction(&ops);
+        }
+        if ok {
+            let Phase::Running { engine } = &mut self.phase else {
+                return;
+            };
+            let pending = engine.pending_ops();
+            if !pending.is_empty() {
+                ok = self.transaction(&pending);
+            }
+        }
+        if !ok {
+            self.needs_resync = true;
+            return;
+        }
+        if self.needs_resync {
+            self.needs_resync = false;
+            if !self.shared.adopted.swap(true, Ordering::Relaxed) {
+                info!("initial sync applied: ready");
+            }
+        }
+        *self
+            .shared
+            .applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = self.seen.clone();
+        if let Some(t) = self.unapplied_since.take() {
+            self.shared.metrics.policy_realization.observe(t.elapsed());
+        }
+        self.shared
+            .metrics
+            .reconcile_duration
+            .observe(started.elapsed());
+        self.last_reconcile = Some(Instant::now());
+        if let Phase::Running { engine } = &self.phase {
+            let rs = engine.desired();
+            *self
+                .shared
+                .table_size
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = (
+                rs.sets.len(),
+                rs.element_count(),
+                rs.chains.len(),
+                rs.rule_count(),
+            );
+        }
+    }
+
+    /// Sends one transaction; logs and counts.
+    fn transaction(&mut self, ops: &[weft_netpol::diff::Op]) -> bool {
+        let (element_ops, elements, other) = op_summary(ops);
+        match self.backend.apply(ops) {
+            Ok(()) => {
+                self.shared
+                    .metrics
+                    .nft_ops
+                    .fetch_add(ops.len() as u64, Ordering::Relaxed);
+                debug!(element_ops, elements, other, "transaction committed");
+                true
+            }
+            Err(e) => {
+                self.shared
+                    .metrics
+                    .reconcile_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                error!(error = %e, ops = ops.len(), "transaction refused; the kernel is unchanged, resyncing");
+                false
+            }
+        }
+    }
+
+    fn current(&self) -> &Cluster {
+        match &self.phase {
+            Phase::Syncing { store, .. } => store,
+            Phase::Running { engine } => engine.cluster(),
+        }
+    }
+
+    /// Turns one watch message into engine changes.
+    fn translate(&mut self, msg: WatchMsg, out: &mut Vec<Change>) {
+        match msg.body {
+            WatchBody::Progress => {}
+            WatchBody::Applied(obj) => self.upsert(obj, out),
+            WatchBody::Deleted(obj) => match obj {
+                Obj::Pod(p) => {
+                    if let Some(pod) = Pod::from_api(&p) {
+                        out.push(Change::DeletePod(pod.key));
+                    }
+                }
+                Obj::Namespace(n) => {
+                    if let Some(name) = n.metadata.name {
+                        out.push(Change::DeleteNamespace(name));
+                    }
+                }
+                Obj::Policy(p) => {
+                    if let (Some(ns), Some(name)) = (&p.metadata.namespace, &p.metadata.name) {
+                        let key = ObjectKey::new(ns, name);
+                        self.forget_errors(&key);
+                        out.push(Change::DeletePolicy(key));
+                    }
+                }
+                Obj::Node(n) => {
+                    if let Some(name) = n.metadata.name {
+                        self.nodes.remove(&name);
+                    }
+                }
+            },
+            WatchBody::Listed(objs) => {
+                // The new list is the truth: upsert all, delete what it lacks.
+                let current = self.current();
+                let deletes: Vec<Change> = match msg.kind {
+                    Kind::Pods => {
+                        let listed: BTreeSet<ObjectKey> = objs
+                            .iter()
+                            .filter_map(|o| match o {
+                                Obj::Pod(p) => Pod::from_api(p).map(|p| p.key),
+                                _ => None,
+                            })
+                            .collect();
+                        current
+                            .pods
+                            .keys()
+                            .filter(|k| !listed.contains(*k))
+                            .map(|k| Change::DeletePod(k.clone()))
+                            .collect()
+                    }
+                    Kind::Namespaces => {
+                        let listed: BTreeSet<String> = objs
+                            .iter()
+                            .filter_map(|o| match o {
+                                Obj::Namespace(n) => n.metadata.name.clone(),
+                                _ => None,
+                            })
+                            .collect();
+                        current
+                            .namespaces
+                            .keys()
+                            .filter(|k| !listed.contains(*k))
+                            .map(|k| Change::DeleteNamespace(k.clone()))
+                            .collect()
+                    }
+                    Kind::Policies => {
+                        let listed: BTreeSet<ObjectKey> = objs
+                            .iter()
+                            .filter_map(|o| match o {
+                                Obj::Policy(p) => Some(ObjectKey::new(
+                                    p.metadata.namespace.as_deref()?,
+                                    p.metadata.name.as_deref()?,
+                                )),
+                                _ => None,
+                            })
+                            .collect();
+                        current
+                            .policies
+                            .keys()
+                            .filter(|k| !listed.contains(*k))
+                            .map(|k| Change::DeletePolicy(k.clone()))
+                            .collect()
+                    }
+                    Kind::Nodes => {
+                        self.nodes.clear();
+                        Vec::new()
+                    }
+                };
+                out.extend(deletes);
+                for obj in objs {
+                    self.upsert(obj, out);
+                }
+                if let Phase::Syncing { listed, .. } = &mut self.phase {
+                    listed.insert(msg.kind);
+                }
+            }
+        }
+    }
+
+    fn upsert(&mut self, obj: Obj, out: &mut Vec<Change>) {
+        match obj {
+            Obj::Pod(p) => {
+                if let Some(pod) = Pod::from_api(&p) {
+                    out.push(Change::UpsertPod(pod));
+                }
+            }
+            Obj::Namespace(n) => {
+                if let Some(ns) = Namespace::from_api(&n) {
+                    out.push(Change::UpsertNamespace(ns));
+                }
+            }
+            Obj::Node(n) => {
+                if let Some(name) = n.metadata.name.clone() {
+                    self.nodes.insert(name, *n);
+                }
+            }
+            Obj::Policy(p) => {
+                if let Some(name) = &self.cfg.inject_panic_policy
+                    && p.metadata.name.as_deref() == Some(name.as_str())
+                    && !self.injected
+                {
+                    self.injected = true;
+                    panic!("injected fault: panic while handling policy {name}");
+                }
+                match Policy::from_api(&p) {
+                    Ok(policy) => {
+                        let errors: Vec<String> =
+                            policy.errors.iter().map(ToString::to_string).collect();
+                        self.report_errors(&policy.key, errors);
+                        out.push(Change::UpsertPolicy(policy));
+                    }
+                    Err(e) => {
+                        // Keep enforcing the last valid version (or nothing, for a new object).
+                        let key = ObjectKey::new(
+                            p.metadata.namespace.as_deref().unwrap_or_default(),
+                            p.metadata.name.as_deref().unwrap_or_default(),
+                        );
+                        warn!(policy = %key, error = %e, "policy refused; its last valid version stays enforced");
+                        self.report_errors(&key, vec![e.to_string()]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records an object's errors; new ones are logged, counted and published as Events.
+    fn report_errors(&mut self, key: &ObjectKey, errors: Vec<String>) {
+        let mut map = self
+            .shared
+            .object_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if errors.is_empty() {
+            map.remove(key);
+            return;
+        }
+        if map.get(key) == Some(&errors) {
+            return;
+        }
+        for e in &errors {
+            warn!(policy = %key, "{e}");
+            self.shared
+                .metrics
+                .policy_errors
+                .fetch_add(1, Ordering::Relaxed);
+            if let Some(tx) = &self.events {
+                let _ = tx.send(ObjectEvent {
+                    policy: key.clone(),
+                    reason: "PolicyEntryIgnored".into(),
+                    note: e.clone(),
+                });
+            }
+        }
+        map.insert(key.clone(), errors);
+    }
+
+    fn forget_errors(&mut self, key: &ObjectKey) {
+        self.shared
+            .object_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::backend::Memory;
+    use k8s_openapi::api::core::v1 as core;
+    use k8s_openapi::api::networking::v1 as net;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+
+    fn meta(ns: Option<&str>, name: &str, rv: &str) -> ObjectMeta {
+        ObjectMeta {
+            namespace: ns.map(Into::into),
+            name: Some(name.into()),
+            resource_version: Some(rv.into()),
+            ..Default::default()
+        }
+    }
+
+    fn pod(name: &str, ip: &str, node: &str) -> Obj {
+        Obj::Pod(Box::new(core::Pod {
+            metadata: ObjectMeta {
+                labels: Some([("app".to_string(), name.to_string())].into()),
+                ..meta(Some("default"), name, "1")
+            },
+            spec: Some(core::PodSpec {
+                node_name: Some(node.into()),
+                ..Default::default()
+            }),
+            status: Some(core::PodStatus {
+                pod_ip: Some(ip.into()),
+                phase: Some("Running".into()),
+                ..Default::default()
+            }),
+        }))
+    }
+
+    fn deny_all(name: &str) -> Obj {
+        Obj::Policy(Box::new(net::NetworkPolicy {
+            metadata: meta(Some("default"), name, "2"),
+            spec: Some(net::NetworkPolicySpec {
+                pod_selector: Some(LabelSelector::default()),
+                ..Default::default()
+            }),
+        }))
+    }
+
+    fn msg(kind: Kind, body: WatchBody, rv: &str) -> WatchMsg {
+        WatchMsg {
+            kind,
+            body,
+            resource_version: Some(rv.into()),
+            received: Instant::now(),
+        }
+    }
+
+    fn controller(inject: Option<&str>) -> (Controller, Arc<Shared>) {
+        let shared = Arc::new(Shared::new("n1", Arc::new(Metrics::default())));
+        let cfg = ControllerConfig {
+            node: "n1".into(),
+            table: "weft".into(),
+            inject_panic_policy: inject.map(Into::into),
+            max_reconciles_per_second: 1000,
+        };
+        (
+            Controller::new(cfg, Box::new(Memory::new("weft")), shared.clone(), None),
+            shared,
+        )
+    }
+
+    fn list_all(c: &mut Controller, pods: Vec<Obj>, policies: Vec<Obj>) {
+        c.step(vec![
+            msg(Kind::Pods, WatchBody::Listed(pods), "10"),
+            msg(
+                Kind::Namespaces,
+                WatchBody::Listed(vec![Obj::Namespace(Box::new(core::Namespace {
+                    metadata: meta(None, "default", "3"),
+                    ..Default::default()
+                }))]),
+                "10",
+            ),
+            msg(Kind::Policies, WatchBody::Listed(policies), "10"),
+        ]);
+    }
+
+    #[test]
+    fn nothing_reaches_the_kernel_before_every_kind_has_listed() {
+        let (mut c, shared) = controller(None);
+        list_all(&mut c, vec![pod("a", "10.244.1.2", "n1")], vec![]);
+        assert!(c.engine().is_none(), "nodes have not listed");
+        assert!(!shared.adopted.load(Ordering::Relaxed));
+        c.step(vec![msg(Kind::Nodes, WatchBody::Listed(vec![]), "10")]);
+        let engine = c.engine().expect("running");
+        assert_eq!(engine.desired().sets["pods-local-v4"].elements.len(), 1);
+        assert!(shared.adopted.load(Ordering::Relaxed));
+        assert_eq!(shared.applied.lock().unwrap()[&Kind::Pods], "10");
+    }
+
+    #[test]
+    fn a_relist_deletes_what_the_new_list_lacks() {
+        let (mut c, _) = controller(None);
+        list_all(
+            &mut c,
+            vec![pod("a", "10.244.1.2", "n1"), pod("b", "10.244.1.3", "n1")],
+            vec![deny_all("deny")],
+        );
+        c.step(vec![msg(Kind::Nodes, WatchBody::Listed(vec![]), "10")]);
+        assert_eq!(c.engine().unwrap().cluster().pods.len(), 2);
+        c.step(vec![msg(
+            Kind::Pods,
+            WatchBody::Listed(vec![pod("b", "10.244.1.3", "n1")]),
+            "20",
+        )]);
+        let cluster = c.engine().unwrap().cluster();
+        assert_eq!(cluster.pods.len(), 1);
+        assert!(cluster.pods.contains_key(&ObjectKey::new("default", "b")));
+    }
+
+    #[test]
+    fn a_panic_in_reconcile_is_caught_counted_and_the_engine_recovers() {
+        let (mut c, shared) = controller(Some("boom"));
+        list_all(&mut c, vec![pod("a", "10.244.1.2", "n1")], vec![]);
+        c.step(vec![msg(Kind::Nodes, WatchBody::Listed(vec![]), "10")]);
+        c.step_guarded(vec![msg(
+            Kind::Policies,
+            WatchBody::Applied(deny_all("boom")),
+            "30",
+        )]);
+        assert_eq!(shared.metrics.reconcile_panics.load(Ordering::Relaxed), 1);
+        // The same object again (as a relist would deliver it) is enforced normally.
+        c.step_guarded(vec![msg(
+            Kind::Policies,
+            WatchBody::Applied(deny_all("boom")),
+            "31",
+        )]);
+        let engine = c.engine().unwrap();
+        assert_eq!(engine.cluster().policies.len(), 1);
+        assert_eq!(
+            engine.desired().sets["ingress-dispatch-v4"].elements.len(),
+            1,
+            "pod a is isolated by the policy"
+        );
+    }
+
+    #[test]
+    fn an_invalid_policy_keeps_its_last_valid_version_and_reports() {
+        let (mut c, shared) = controller(None);
+        list_all(
+            &mut c,
+            vec![pod("a", "10.244.1.2", "n1")],
+            vec![deny_all("p")],
+        );
+        c.step(vec![msg(Kind::Nodes, WatchBody::Listed(vec![]), "10")]);
+        let mut bad = net::NetworkPolicy {
+            metadata: meta(Some("default"), "p", "40"),
+            spec: Some(net::NetworkPolicySpec::default()),
+        };
+        bad.spec.as_mut().unwrap().pod_selector = Some(LabelSelector {
+            match_expressions: Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                    key: "x".into(),
+                    operator: "Sometimes".into(),
+                    values: None,
+                },
+            ]),
+            ..Default::default()
+        });
+        c.step(vec![msg(
+            Kind::Policies,
+            WatchBody::Applied(Obj::Policy(Box::new(bad))),
+            "40",
+        )]);
+        let engine = c.engine().unwrap();
+        assert_eq!(
+            engine.desired().sets["ingress-dispatch-v4"].elements.len(),
+            1,
+            "the last valid version still isolates pod a"
+        );
+        assert_eq!(shared.metrics.policy_errors.load(Ordering::Relaxed), 1);
+        assert!(
+            shared.object_errors.lock().unwrap()[&ObjectKey::new("default", "p")][0]
+                .contains("Sometimes")
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! `weft agent`: the per-node process that enforces NetworkPolicy.
+//!
+//! Flow: [`watch::supervise`] runs one supervised watch per kind (pods, namespaces, policies,
+//! nodes) → messages over a channel → [`controller::Controller`] on its own thread (engine +
+//! one nftables transaction per reconcile) → the kernel. [`http`] serves health, readiness and
+//! metrics on TCP and the debug state on the unix socket.
+//!
+//! SIGTERM and SIGINT stop the process and leave every rule in place: the next process adopts
+//! the table without a flush. Only `weft cleanup` (later) removes rules.
+
+pub mod backend;
+pub mod controller;
+pub mod http;
+pub mod metrics;
+pub mod watch;
+
+use std::path::PathBuf;
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Client;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use tracing::{info, warn};
+
+use controller::{Controller, ControllerConfig, ObjectEvent, Shared};
+use metrics::Metrics;
+use watch::{Kind, WatchConfig};
+
+/// Settings of the agent.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// This node's name (`spec.nodeName` of its pods).
+    pub node: String,
+    /// Kubeconfig path; `None`: in-cluster or the default discovery.
+    pub kubeconfig: Option<PathBuf>,
+    /// TCP address for /healthz, /readyz, /metrics.
+    pub metrics_addr: String,
+    /// Unix socket for /debug/state (root only, 0600).
+    pub socket: PathBuf,
+    /// nft table name.
+    pub table: String,
+    /// Watch supervision.
+    pub watch: WatchConfig,
+    /// Use the in-memory kernel instead of netlink.
+    pub dry_run: bool,
+    /// Test-only fault: panic once while handling the policy of this name.
+    pub inject_panic_policy: Option<String>,
+}
+
+async fn client(cfg: &AgentConfig) -> anyhow::Result<Client> {
+    let config = match &cfg.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .context("kubeconfig")?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("finding the API server")?,
+    };
+    Client::try_from(config).context("building the API client")
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    info!(node = %cfg.node, version = crate::VERSION, "weft agent starting");
+    let client = client(&cfg).await?;
+    let metrics = Arc::new(Metrics::default());
+    let shared = Arc::new(Shared::new(&cfg.node, metrics.clone()));
+
+    let backend: Box<dyn backend::Backend> = if cfg.dry_run {
+        Box::new(backend::Memory::new(&cfg.table))
+    } else {
+        Box::new(backend::Kernel::open(&cfg.table).map_err(|e| anyhow::anyhow!("netlink: {e}"))?)
+    };
+    info!(backend = %backend.describe(), "kernel backend ready");
+
+    // Kubernetes Events on objects with problems, published off the controller thread.
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<ObjectEvent>();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "weft-agent".into(),
+            instance: Some(cfg.node.clone()),
+        },
+    );
+    tokio::spawn(async move {
+        while let Some(ev) = ev_rx.recv().await {
+            let reference = ObjectReference {
+                api_version: Some("networking.k8s.io/v1".into()),
+                kind: Some("NetworkPolicy".into()),
+                namespace: Some(ev.policy.namespace.clone()),
+                name: Some(ev.policy.name.clone()),
+                ..Default::default()
+            };
+            let event = Event {
+                type_: EventType::Warning,
+                reason: ev.reason.clone(),
+                note: Some(ev.note.chars().take(1000).collect()),
+                action: "Enforce".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                warn!(policy = %ev.policy, error = %e, "could not publish event");
+            }
+        }
+    });
+
+    let (tx, rx) = mpsc::channel();
+    let controller = Controller::new(
+        ControllerConfig {
+            node: cfg.node.clone(),
+            table: cfg.table.clone(),
+            inject_panic_policy: cfg.inject_panic_policy.clone(),
+            max_reconciles_per_second: 50,
+        },
+        backend,
+        shared.clone(),
+        Some(ev_tx),
+    );
+    let controller_thread = std::thread::Builder::new()
+        .name("weft-controller".into())
+        .spawn(move || controller.run(rx))
+        .context("starting the controller thread")?;
+
+    for kind in Kind::ALL {
+        tokio::spawn(watch::supervise(
+            client.clone(),
+            kind,
+            tx.clone(),
+            shared.health[&kind].clone(),
+            metrics.clone(),
+            cfg.watch.clone(),
+        ));
+    }
+    drop(tx);
+
+    let tcp = tokio::net::TcpListener::bind(&cfg.metrics_addr)
+        .await
+        .with_context(|| format!("binding {}", cfg.metrics_addr))?;
+    tokio::spawn(http::serve_tcp(tcp, shared.clone()));
+    if let Some(dir) = cfg.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    let unix = tokio::net::UnixListener::bind(&cfg.socket)
+        .with_context(|| format!("binding {}", cfg.socket.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))?;
+    }
+    tokio::spawn(http::serve_unix(unix, shared.clone()));
+    info!(metrics = %cfg.metrics_addr, socket = %cfg.socket.display(), "serving health, readiness and metrics");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: exiting; every rule stays in the kernel for the next process to adopt"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting; every rule stays in the kernel"),
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    // The controller thread ends when the watches' senders are dropped with the runtime.
+    drop(controller_thread);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    Ok(())
+}

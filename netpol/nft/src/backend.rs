@@ -450,6 +450,8 @@ impl NftBackend {
         let mut stale = 0;
         let deadline = Instant::now() + REPLY_TIMEOUT;
         let mut draining = false;
+        // Every early return below leaves replies unread: the socket is replaced before reuse.
+        self.dirty = true;
         loop {
             if pending.is_empty() || batch_error.is_some() {
                 // Everything accounted for: drain whatever else is queued, without waiting.
@@ -458,7 +460,6 @@ impl NftBackend {
             let got = match sys::recv_nonblocking(fd, &mut self.recv) {
                 Ok(got) => got,
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    self.dirty = true;
                     return Err(NftError::OutcomeUnknown {
                         reason: format!(
                             "ENOBUFS: acks lost, {} of {} unread; the transaction may or may not have been committed",
@@ -468,7 +469,6 @@ impl NftBackend {
                     });
                 }
                 Err(source) => {
-                    self.dirty = true;
                     return Err(NftError::Socket {
                         step: "receive acks",
                         source,
@@ -483,7 +483,6 @@ impl NftBackend {
                 let ready = sys::poll_readable(fd, left.as_millis().min(i32::MAX as u128) as i32)
                     .map_err(socket_err("wait for acks"))?;
                 if !ready {
-                    self.dirty = true;
                     return Err(NftError::OutcomeUnknown {
                         reason: format!(
                             "{} of {} acks missing after {REPLY_TIMEOUT:?}",
@@ -495,12 +494,9 @@ impl NftBackend {
                 continue;
             };
             let datagram = self.recv.bytes(n);
-            let msgs = netlink::messages(datagram).map_err(|e| {
-                self.dirty = true;
-                NftError::Socket {
-                    step: "parse acks",
-                    source: std::io::Error::other(e),
-                }
+            let msgs = netlink::messages(datagram).map_err(|e| NftError::Socket {
+                step: "parse acks",
+                source: std::io::Error::other(e),
             })?;
             for m in msgs {
                 let Some(errno) = m.errno() else {
@@ -520,6 +516,8 @@ impl NftBackend {
                 }
             }
         }
+        // Every message accounted for and the socket drained.
+        self.dirty = false;
         if stale > 0 {
             tracing::warn!(
                 stale,

@@ -113,7 +113,8 @@ impl Engine {
                 }
             }
         }
-        let mut t = Tracker::default();
+        // Start-up builds the whole table: nothing to diff, so nothing to record.
+        let mut t = Tracker::untracked();
         let local: Vec<ObjectKey> = engine
             .cluster
             .pods
@@ -258,11 +259,22 @@ impl Engine {
             }
         }
 
-        // Peer sets in use: this pod's contribution before and after.
+        // Peer sets in use: this pod's contribution before and after. A pure relabel (same
+        // addresses, ports, node) can only change sets whose pod selector reads a changed key.
         let ns_labels = self.cluster.namespace_labels(&key.namespace).cloned();
+        let changed_keys = match (old_member, new_member) {
+            (Some(o), Some(n)) if o.ips == n.ips && o.ports == n.ports && o.node == n.node => {
+                Some(changed_label_keys(&o.labels, &n.labels))
+            }
+            _ => None,
+        };
         let specs: Vec<(String, SetRef)> = self
             .sets
             .iter()
+            .filter(|(_, ((spec, _), _))| match &changed_keys {
+                Some(keys) => spec_reads_any_label(spec, keys),
+                None => true,
+            })
             .map(|(name, (r, _))| (name.clone(), r.clone()))
             .collect();
         for (name, (spec, family)) in specs {
@@ -632,6 +644,37 @@ impl Engine {
     }
 }
 
+/// Label keys whose value differs between two label maps (added, removed or changed).
+fn changed_label_keys(
+    a: &BTreeMap<String, String>,
+    b: &BTreeMap<String, String>,
+) -> BTreeSet<String> {
+    let mut keys: BTreeSet<String> = a
+        .iter()
+        .filter(|(k, v)| b.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    keys.extend(b.keys().filter(|k| !a.contains_key(*k)).cloned());
+    keys
+}
+
+/// Whether a set's membership could change when these pod label keys change.
+fn spec_reads_any_label(spec: &SetSpec, keys: &BTreeSet<String>) -> bool {
+    let sel = match spec {
+        SetSpec::Pods(sel)
+        | SetSpec::NamedPort {
+            scope: PortScope::Selection(sel) | PortScope::LocalSubjects(sel),
+            ..
+        } => sel,
+        SetSpec::Block(_)
+        | SetSpec::NamedPort {
+            scope: PortScope::AllPods,
+            ..
+        } => return false,
+    };
+    sel.pods.keys().any(|k| keys.contains(k))
+}
+
 /// Whether a set's content depends on namespace labels.
 fn spec_has_namespace_selector(spec: &SetSpec) -> bool {
     let sel = match spec {
@@ -699,6 +742,8 @@ fn key_ip(k: &Key) -> IpAddr {
 /// Records what a change touched in the desired table, so ops come from a diff of just that.
 #[derive(Default, Debug)]
 pub struct Tracker {
+    /// False at start-up: mutate without recording (the caller diffs whole tables).
+    off: bool,
     /// Set name → its definition before the change (None: did not exist).
     sets: BTreeMap<String, Option<SetDef>>,
     /// (set, key) → the element's data before the change (None: absent).
@@ -708,7 +753,18 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// A tracker that records nothing.
+    fn untracked() -> Tracker {
+        Tracker {
+            off: true,
+            ..Tracker::default()
+        }
+    }
+
     fn note_set(&mut self, rs: &Ruleset, name: &str) {
+        if self.off {
+            return;
+        }
         if !self.sets.contains_key(name) {
             let def = rs.sets.get(name).map(|s| s.def.clone());
             self.sets.insert(name.to_string(), def);
@@ -716,6 +772,9 @@ impl Tracker {
     }
 
     fn note_elem(&mut self, rs: &Ruleset, set: &str, key: &Key) {
+        if self.off {
+            return;
+        }
         self.note_set(rs, set);
         self.elems
             .entry((set.to_string(), key.clone()))
@@ -745,7 +804,7 @@ impl Tracker {
 
     fn remove_set(&mut self, rs: &mut Ruleset, name: &str) {
         self.note_set(rs, name);
-        if let Some(s) = rs.sets.get(name) {
+        if let Some(s) = rs.sets.get(name).filter(|_| !self.off) {
             let keys: Vec<Key> = s.elements.keys().cloned().collect();
             for k in keys {
                 self.note_elem(rs, name, &k);
@@ -755,7 +814,7 @@ impl Tracker {
     }
 
     fn put_chain(&mut self, rs: &mut Ruleset, chain: Chain) {
-        if !self.chains.contains_key(&chain.def.name) {
+        if !self.off && !self.chains.contains_key(&chain.def.name) {
             let before = rs.chains.get(&chain.def.name).cloned();
             self.chains.insert(chain.def.name.clone(), before);
         }
@@ -763,7 +822,7 @@ impl Tracker {
     }
 
     fn remove_chain(&mut self, rs: &mut Ruleset, name: &str) {
-        if !self.chains.contains_key(name) {
+        if !self.off && !self.chains.contains_key(name) {
             let before = rs.chains.get(name).cloned();
             self.chains.insert(name.to_string(), before);
         }

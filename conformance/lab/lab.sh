@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# weft lab: a local multi-node cluster in network namespaces, for a person to play with.
+#
+#   lab.sh up [NODES]   start (default 3 nodes), create the demo, print the truth table
+#   lab.sh table        probe the demo again and print the truth table
+#   lab.sh down         remove every process, namespace and file of the lab
+#   lab.sh status       what runs
+#
+# Real components only: etcd, kube-apiserver, kube-controller-manager (conformance/k8s), one
+# `weft agent` and one `kube-proxy` (nftables mode) per node namespace; every pod is a network
+# namespace attached by the real `weft-cni` binary. The lab plays the kubelet: it creates pods in
+# the API, attaches them, writes their status and runs their servers.
+#
+# Env: WEFT_LAB_DIR (default /tmp/weft-lab), CARGO_TARGET_DIR (where weft is built).
+set -Eeuo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+K8S="$REPO/conformance/k8s"
+DIR=${WEFT_LAB_DIR:-/tmp/weft-lab}
+PREFIX=weft-lab
+export WEFT_NS_PREFIX=$PREFIX
+TARGET=${CARGO_TARGET_DIR:-$REPO/target}
+WEFT="$TARGET/debug/weft"
+WEFT_CNI="$TARGET/debug/weft-cni"
+
+log() { printf '[lab %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+kc() { bash "$K8S/cluster.sh" kubectl "$DIR/cluster" "$@"; }
+
+# Waits until "$@" succeeds: description, seconds, command...
+wait_for() {
+  local what=$1 secs=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "timed out after ${secs}s waiting for $what"
+    sleep 0.5
+  done
+}
+
+node_ns() { echo "$PREFIX-node$1"; }
+node_name() { echo "$PREFIX-node$1"; }
+node_ip() { echo "198.18.0.$((10 + $1))"; }
+
+start_bg() { # name netns cmd...   (log in $DIR/logs/name.log, pid in $DIR/pids/name.pid)
+  local name=$1 ns=$2; shift 2
+  mkdir -p "$DIR/logs" "$DIR/pids"
+  ip netns exec "$ns" setsid "$@" >"$DIR/logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$DIR/pids/$name.pid"
+}
+
+cmd_up() {
+  local nodes=${1:-3}
+  [[ -e "$DIR/cluster/state/env" ]] && die "a lab already runs in $DIR: '$0 down' first"
+  mkdir -p "$DIR"
+  trap 'log "failed: tearing down"; cmd_down' ERR INT TERM
+  log "building weft and weft-cni"
+  (cd "$REPO" && cargo build -q --bin weft --bin weft-cni)
+  log "Kubernetes components (built once, cached)"
+  bash "$K8S/install.sh" >&2
+  log "control plane + $nodes node namespaces"
+  WEFT_NODES=$nodes bash "$K8S/cluster.sh" up "$DIR/cluster" >&2
+  local bin
+  bin=$(bash "$K8S/install.sh" --print)
+  for ((i = 1; i <= nodes; i++)); do
+    local n ns ip
+    n=$(node_name "$i"); ns=$(node_ns "$i"); ip=$(node_ip "$i")
+    kc apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Node
+metadata:
+  name: $n
+  labels: {kubernetes.io/hostname: $n, kubernetes.io/os: linux}
+EOF
+    kc patch node "$n" --subresource=status --type=merge \
+      -p "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"$ip\"},{\"type\":\"Hostname\",\"address\":\"$n\"}]}}" >/dev/null
+    wait_for "podCIDRs of $n" 60 bash -c "[[ -n \"\$(bash '$K8S/cluster.sh' kubectl '$DIR/cluster' get node $n -o jsonpath='{.spec.podCIDRs}')\" ]]"
+    ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
+    mkdir -p "$DIR/run/node$i"
+    start_bg "agent-node$i" "$ns" "$WEFT" agent --node "$n" \
+      --kubeconfig "$DIR/cluster/kubeconfig/node$i.kubeconfig" \
+      --metrics-addr "$ip:6784" --socket "$DIR/run/node$i/agent.sock" \
+      --state-dir "$DIR/run/node$i" --underlay-ip "$ip"
+    start_bg "kube-proxy-node$i" "$ns" "$bin/kube-proxy" \
+      --kubeconfig "$DIR/cluster/kubeconfig/kube-proxy.kubeconfig" \
+      --proxy-mode nftables --hostname-override "$n" \
+      --cluster-cidr 10.244.0.0/16,fd00:10:244::/48 \
+      --conntrack-max-per-core 0 --conntrack-min 0 \
+      --metrics-bind-address "$ip:10249" --healthz-bind-address "$ip:10256"
+  done
+  for ((i = 1; i <= nodes; i++)); do
+    wait_for "weft agent on node$i to be ready" 90 ip netns exec "$(node_ns "$i")" curl -sf "http://$(node_ip "$i"):6784/readyz"
+  done
+  echo "$nodes" >"$DIR/nodes"
+  log "cluster up: $nodes nodes, agents ready"
+  trap - ERR INT TERM
+  bash "$HERE/demo.sh" up "$DIR"
+  cmd_table
+  cat <<EOF
+
+Look around:
+  kubectl:        bash $K8S/cluster.sh kubectl $DIR/cluster get pods -A -o wide
+  the ruleset:    ip netns exec $(node_ns 1) nft list table inet weft
+  agent metrics:  ip netns exec $(node_ns 1) curl -s http://$(node_ip 1):6784/metrics
+  a pod's shell:  ip netns exec $PREFIX-pod-shop-api bash
+  probe again:    $0 table
+  remove it all:  $0 down
+EOF
+}
+
+cmd_table() {
+  bash "$HERE/demo.sh" table "$DIR"
+}
+
+cmd_down() {
+  trap - ERR INT TERM
+  bash "$HERE/demo.sh" down "$DIR" 2>/dev/null || true
+  if [[ -d "$DIR/pids" ]]; then
+    for f in "$DIR"/pids/*.pid; do
+      [[ -f "$f" ]] || continue
+      local pid; pid=$(cat "$f")
+      kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    done
+    sleep 1
+    for f in "$DIR"/pids/*.pid; do
+      [[ -f "$f" ]] || continue
+      local pid; pid=$(cat "$f")
+      kill -KILL "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+      rm -f "$f"
+    done
+  fi
+  [[ -d "$DIR/cluster" ]] && bash "$K8S/cluster.sh" down "$DIR/cluster" >&2 || true
+  for ns in $(ip netns list | awk '{print $1}' | grep -E "^$PREFIX-" || true); do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  rm -rf "$DIR"
+  log "lab removed"
+}
+
+cmd_status() {
+  [[ -d "$DIR/cluster" ]] || { echo "no lab in $DIR"; return 0; }
+  bash "$K8S/cluster.sh" status "$DIR/cluster" || true
+  for f in "$DIR"/pids/*.pid; do
+    [[ -f "$f" ]] || continue
+    local name; name=$(basename "$f" .pid)
+    if kill -0 "$(cat "$f")" 2>/dev/null; then echo "$name: running"; else echo "$name: DEAD (see $DIR/logs/$name.log)"; fi
+  done
+}
+
+case "${1:-}" in
+  up) shift; cmd_up "$@" ;;
+  table) cmd_table ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

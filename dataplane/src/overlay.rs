@@ -1,0 +1,534 @@
+//! Between nodes: one VXLAN device per node, `vxweft` (deliberately *not* `weft…`: the policy
+//! engine treats `iifname "weft*"` as pod interfaces), and per remote node three kinds of
+//! entries, all derived from the Node object (DESIGN §4):
+//!
+//! ```text
+//! bridge fdb  <remote vtep MAC> dev vxweft dst <remote underlay IP> self permanent
+//! neigh       <remote tunnel addr (v4, v6)> lladdr <remote vtep MAC> dev vxweft PERMANENT
+//! route       <remote podCIDR (v4, v6)> via <remote tunnel addr> dev vxweft onlink
+//! ```
+//!
+//! The tunnel address of a node is the first address of its podCIDR
+//! ([`crate::ipam::tunnel_address`]) and its VTEP MAC a pure function of its underlay IP
+//! ([`vtep_mac`]), so every node computes every peer's entries from the Node list alone: no
+//! learning, no flooding, no gossip. [`Overlay::sync`] applies per-node differences only:
+//! a node added, removed or changed touches its own entries and nobody else's, and a node
+//! whose entries fail to program is reported and retried without holding up the others.
+//!
+//! Defaults: UDP port 4789 (the IANA VXLAN port; configurable for clusters where another
+//! VXLAN already holds it), VNI 6784 (an arbitrary id — weave's port number — chosen to stay
+//! clear of flannel's VNI 1 if both share the port during a migration), MTU = underlay MTU −
+//! 50 (IPv4 underlay: outer IP 20 + UDP 8 + VXLAN 8 + inner Ethernet 14) or − 70 (IPv6
+//! underlay).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
+use rtnetlink::packet_route::neighbour::NeighbourFlags;
+use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
+
+use crate::ipam::{PodCidrs, tunnel_address};
+use crate::nl::{self, mac_to_string};
+
+/// The node's VXLAN device.
+pub const VXLAN_DEVICE: &str = "vxweft";
+/// Default VXLAN network identifier.
+pub const DEFAULT_VNI: u32 = 6784;
+/// Default UDP port (IANA VXLAN).
+pub const DEFAULT_PORT: u16 = 4789;
+
+/// Bytes VXLAN adds on an IPv4 underlay.
+pub const OVERHEAD_V4: u32 = 50;
+/// Bytes VXLAN adds on an IPv6 underlay.
+pub const OVERHEAD_V6: u32 = 70;
+
+/// The VTEP MAC of the node with this underlay address: locally administered, unicast,
+/// `0a:58` + the IPv4 address, or `0e:58` + the last 4 bytes of an IPv6 address.
+pub fn vtep_mac(underlay: IpAddr) -> [u8; 6] {
+    let (first, tail) = match underlay {
+        IpAddr::V4(a) => (0x0a, a.octets()),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            (0x0e, [o[12], o[13], o[14], o[15]])
+        }
+    };
+    [first, 0x58, tail[0], tail[1], tail[2], tail[3]]
+}
+
+/// Pod MTU for an underlay of `underlay_mtu` reached over `underlay`'s family.
+pub fn pod_mtu(underlay_mtu: u32, underlay: IpAddr) -> u32 {
+    underlay_mtu.saturating_sub(if underlay.is_ipv4() {
+        OVERHEAD_V4
+    } else {
+        OVERHEAD_V6
+    })
+}
+
+/// This node's side of the overlay.
+#[derive(Debug, Clone)]
+pub struct OverlayConfig {
+    /// The node's underlay address (its InternalIP).
+    pub underlay_ip: IpAddr,
+    /// The node's podCIDRs (the tunnel device takes their first addresses).
+    pub pod_cidrs: PodCidrs,
+    /// VXLAN id.
+    pub vni: u32,
+    /// VXLAN UDP port.
+    pub port: u16,
+    /// MTU of `vxweft`; `None`: the underlay link's MTU minus the overhead.
+    pub mtu: Option<u32>,
+}
+
+impl OverlayConfig {
+    /// Defaults for a node.
+    pub fn new(underlay_ip: IpAddr, pod_cidrs: PodCidrs) -> Self {
+        OverlayConfig {
+            underlay_ip,
+            pod_cidrs,
+            vni: DEFAULT_VNI,
+            port: DEFAULT_PORT,
+            mtu: None,
+        }
+    }
+}
+
+/// A remote node as the overlay needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteNode {
+    /// Node name (the key of per-node changes).
+    pub name: String,
+    /// Its underlay address.
+    pub underlay_ip: IpAddr,
+    /// Its podCIDRs.
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+/// One kernel object programmed for a remote node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Entry {
+    Fdb { mac: [u8; 6], dst: IpAddr },
+    Neighbour { ip: IpAddr, mac: [u8; 6] },
+    Route { cidr: IpNet, via: IpAddr },
+}
+
+impl std::fmt::Display for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Entry::Fdb { mac, dst } => write!(f, "fdb {} dst {dst}", mac_to_string(mac)),
+            Entry::Neighbour { ip, mac } => write!(f, "neigh {ip} lladdr {}", mac_to_string(mac)),
+            Entry::Route { cidr, via } => write!(f, "route {cidr} via {via} onlink"),
+        }
+    }
+}
+
+fn entries_for(node: &RemoteNode) -> BTreeSet<Entry> {
+    let mac = vtep_mac(node.underlay_ip);
+    let mut out = BTreeSet::new();
+    out.insert(Entry::Fdb {
+        mac,
+        dst: node.underlay_ip,
+    });
+    for cidr in &node.pod_cidrs {
+        let cidr = cidr.trunc();
+        let via = tunnel_address(cidr);
+        out.insert(Entry::Neighbour { ip: via, mac });
+        out.insert(Entry::Route { cidr, via });
+    }
+    out
+}
+
+/// What one [`Overlay::sync`] did, by node name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Nodes seen for the first time.
+    pub added: Vec<String>,
+    /// Nodes gone.
+    pub removed: Vec<String>,
+    /// Nodes whose entries changed.
+    pub changed: Vec<String>,
+    /// Nodes left alone.
+    pub unchanged: Vec<String>,
+    /// Nodes whose entries failed (retried at the next sync), with the first error.
+    pub failed: Vec<(String, String)>,
+    /// Kernel objects added and deleted in total.
+    pub entries_added: usize,
+    /// Kernel objects deleted in total.
+    pub entries_deleted: usize,
+}
+
+/// Why the overlay could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    /// A netlink request failed.
+    #[error("{what}: {source}")]
+    Netlink {
+        /// What, with the object.
+        what: String,
+        /// The cause.
+        source: rtnetlink::Error,
+    },
+    /// No link carries the underlay address.
+    #[error("no link has the underlay address {0}")]
+    NoUnderlay(IpAddr),
+    /// `vxweft` vanished or lacks something it must have.
+    #[error("{0}")]
+    Device(String),
+}
+
+fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> OverlayError {
+    let what = what.into();
+    move |source| OverlayError::Netlink { what, source }
+}
+
+/// The node's overlay: the device and what was programmed per remote node.
+#[derive(Debug)]
+pub struct Overlay {
+    config: OverlayConfig,
+    index: u32,
+    mtu: u32,
+    programmed: BTreeMap<String, (RemoteNode, BTreeSet<Entry>)>,
+}
+
+impl Overlay {
+    /// Create `vxweft` (or adopt it when its VNI and port match; recreate it when not), give
+    /// it the VTEP MAC, the MTU and the tunnel addresses, and bring it up.
+    pub async fn ensure(
+        handle: &rtnetlink::Handle,
+        config: OverlayConfig,
+    ) -> Result<Self, OverlayError> {
+        let (underlay_index, underlay_mtu) = underlay_link(handle, config.underlay_ip).await?;
+        let mtu = config
+            .mtu
+            .unwrap_or_else(|| pod_mtu(underlay_mtu, config.underlay_ip));
+        if let Some(existing) = nl::link_by_name(handle, VXLAN_DEVICE)
+            .await
+            .map_err(nl_err("look up vxweft"))?
+        {
+            let wanted = (Some(config.vni), Some(config.port));
+            if existing.vxlan != Some(wanted) {
+                tracing::info!(?existing.vxlan, vni = config.vni, port = config.port, "recreating vxweft");
+                handle
+                    .link()
+                    .del(existing.index)
+                    .execute()
+                    .await
+                    .map_err(nl_err("delete mismatched vxweft"))?;
+            }
+        }
+        if nl::link_by_name(handle, VXLAN_DEVICE)
+            .await
+            .map_err(nl_err("look up vxweft"))?
+            .is_none()
+        {
+            let builder = LinkVxlan::new(VXLAN_DEVICE, config.vni)
+                .port(config.port)
+                .learning(false)
+                .dev(underlay_index);
+            let builder = match config.underlay_ip {
+                IpAddr::V4(a) => builder.local(a),
+                IpAddr::V6(a) => builder.local6(a),
+            };
+            handle
+                .link()
+                .add(builder.build())
+                .execute()
+                .await
+                .map_err(nl_err("create vxweft"))?;
+        }
+        let link = nl::link_by_name(handle, VXLAN_DEVICE)
+            .await
+            .map_err(nl_err("look up vxweft"))?
+            .ok_or_else(|| OverlayError::Device("vxweft vanished after creation".into()))?;
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(link.index)
+                    .address(vtep_mac(config.underlay_ip).to_vec())
+                    .mtu(mtu)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl_err("set vxweft MAC, MTU, up"))?;
+        for cidr in config.pod_cidrs.to_list() {
+            let ip = tunnel_address(cidr);
+            let len = if ip.is_ipv4() { 32 } else { 128 };
+            let mut add = handle.address().add(link.index, ip, len).replace();
+            add.message_mut().header.flags = AddressHeaderFlags::Nodad;
+            add.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            add.execute()
+                .await
+                .map_err(nl_err(format!("tunnel address {ip}/{len} on vxweft")))?;
+        }
+        Ok(Overlay {
+            config,
+            index: link.index,
+            mtu,
+            programmed: BTreeMap::new(),
+        })
+    }
+
+    /// MTU of `vxweft` (what pods should use).
+    pub fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    /// Bring the per-node entries in line with `remotes` (the other nodes; this node, if
+    /// present, is skipped), touching only nodes that were added, removed or changed.
+    pub async fn sync(&mut self, handle: &rtnetlink::Handle, remotes: &[RemoteNode]) -> SyncReport {
+        let mut report = SyncReport::default();
+        let wanted: BTreeMap<&str, &RemoteNode> = remotes
+            .iter()
+            .filter(|n| n.underlay_ip != self.config.underlay_ip)
+            .map(|n| (n.name.as_str(), n))
+            .collect();
+        let gone: Vec<String> = self
+            .programmed
+            .keys()
+            .filter(|name| !wanted.contains_key(name.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            let Some((_, old)) = self.programmed.get(&name).cloned() else {
+                continue;
+            };
+            match self
+                .apply(handle, &old, &BTreeSet::new(), &mut report)
+                .await
+            {
+                Ok(()) => {
+                    self.programmed.remove(&name);
+                    report.removed.push(name);
+                }
+                Err(e) => report.failed.push((name, e.to_string())),
+            }
+        }
+        for (name, node) in wanted {
+            let new = entries_for(node);
+            let old = self.programmed.get(name).map(|(_, e)| e.clone());
+            if old.as_ref() == Some(&new) {
+                report.unchanged.push(name.to_string());
+                continue;
+            }
+            let before = old.clone().unwrap_or_default();
+            match self.apply(handle, &before, &new, &mut report).await {
+                Ok(()) => {
+                    self.programmed
+                        .insert(name.to_string(), ((*node).clone(), new));
+                    if old.is_some() {
+                        report.changed.push(name.to_string());
+                    } else {
+                        report.added.push(name.to_string());
+                    }
+                }
+                Err(e) => {
+                    // Forget what we think we programmed so the next sync redoes it whole.
+                    self.programmed.remove(name);
+                    report.failed.push((name.to_string(), e.to_string()));
+                }
+            }
+        }
+        if !report.failed.is_empty() {
+            tracing::warn!(failed = ?report.failed, "overlay sync: some nodes not programmed");
+        }
+        report
+    }
+
+    /// Delete `old − new`, then add `new − old` (adds replace, so an entry the kernel already
+    /// has, e.g. after an agent restart, is adopted).
+    async fn apply(
+        &self,
+        handle: &rtnetlink::Handle,
+        old: &BTreeSet<Entry>,
+        new: &BTreeSet<Entry>,
+        report: &mut SyncReport,
+    ) -> Result<(), OverlayError> {
+        // Routes before neighbours before FDB on delete; the reverse on add.
+        let mut deletes: Vec<&Entry> = old.difference(new).collect();
+        deletes.sort_by_key(|e| match e {
+            Entry::Route { .. } => 0,
+            Entry::Neighbour { .. } => 1,
+            Entry::Fdb { .. } => 2,
+        });
+        for e in deletes {
+            self.delete_entry(handle, e).await?;
+            report.entries_deleted += 1;
+        }
+        let mut adds: Vec<&Entry> = new.difference(old).collect();
+        adds.sort_by_key(|e| match e {
+            Entry::Fdb { .. } => 0,
+            Entry::Neighbour { .. } => 1,
+            Entry::Route { .. } => 2,
+        });
+        for e in adds {
+            self.add_entry(handle, e).await?;
+            report.entries_added += 1;
+        }
+        Ok(())
+    }
+
+    async fn add_entry(
+        &self,
+        handle: &rtnetlink::Handle,
+        entry: &Entry,
+    ) -> Result<(), OverlayError> {
+        let what = format!("add {entry}");
+        match entry {
+            Entry::Fdb { mac, dst } => handle
+                .neighbours()
+                .add_bridge(self.index, mac)
+                .destination(*dst)
+                .flags(NeighbourFlags::Own)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl_err(what)),
+            Entry::Neighbour { ip, mac } => handle
+                .neighbours()
+                .add(self.index, *ip)
+                .link_layer_address(mac)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl_err(what)),
+            Entry::Route { cidr, via } => handle
+                .route()
+                .add(self.route_message(*cidr, *via))
+                .replace()
+                .execute()
+                .await
+                .map_err(nl_err(what)),
+        }
+    }
+
+    async fn delete_entry(
+        &self,
+        handle: &rtnetlink::Handle,
+        entry: &Entry,
+    ) -> Result<(), OverlayError> {
+        let result = match entry {
+            Entry::Fdb { mac, dst } => {
+                let mut req = handle
+                    .neighbours()
+                    .add_bridge(self.index, mac)
+                    .destination(*dst)
+                    .flags(NeighbourFlags::Own);
+                let msg = req.message_mut().clone();
+                handle.neighbours().del(msg).execute().await
+            }
+            Entry::Neighbour { ip, mac } => {
+                let mut req = handle
+                    .neighbours()
+                    .add(self.index, *ip)
+                    .link_layer_address(mac);
+                let msg = req.message_mut().clone();
+                handle.neighbours().del(msg).execute().await
+            }
+            Entry::Route { cidr, via } => {
+                handle
+                    .route()
+                    .del(self.route_message(*cidr, *via))
+                    .execute()
+                    .await
+            }
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if nl::is_not_found(&e) => Ok(()),
+            Err(e) => Err(nl_err(format!("delete {entry}"))(e)),
+        }
+    }
+
+    fn route_message(
+        &self,
+        cidr: IpNet,
+        via: IpAddr,
+    ) -> rtnetlink::packet_route::route::RouteMessage {
+        match (cidr, via) {
+            (IpNet::V4(n), IpAddr::V4(g)) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .gateway(g)
+                .output_interface(self.index)
+                .onlink()
+                .build(),
+            (IpNet::V6(n), IpAddr::V6(g)) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .gateway(g)
+                .output_interface(self.index)
+                .onlink()
+                .build(),
+            // tunnel_address keeps the family of its CIDR
+            _ => unreachable!("route family mismatch {cidr} via {via}"),
+        }
+    }
+}
+
+/// Index and MTU of the link that carries `ip`.
+async fn underlay_link(handle: &rtnetlink::Handle, ip: IpAddr) -> Result<(u32, u32), OverlayError> {
+    let mut addrs = handle.address().get().set_address_filter(ip).execute();
+    let mut index = None;
+    while let Some(msg) = addrs.try_next().await.map_err(nl_err("list addresses"))? {
+        if msg.attributes.iter().any(
+            |a| matches!(a, AddressAttribute::Address(x) | AddressAttribute::Local(x) if *x == ip),
+        ) {
+            index = Some(msg.header.index);
+        }
+    }
+    let index = index.ok_or(OverlayError::NoUnderlay(ip))?;
+    let links = nl::all_links(handle).await.map_err(nl_err("list links"))?;
+    let link = links
+        .into_iter()
+        .find(|l| l.index == index)
+        .ok_or(OverlayError::NoUnderlay(ip))?;
+    Ok((index, link.mtu.unwrap_or(1500)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vtep_macs_are_local_unicast_and_derived_from_the_underlay_address() {
+        let m = vtep_mac("198.18.0.7".parse().expect("ip"));
+        assert_eq!(m, [0x0a, 0x58, 198, 18, 0, 7]);
+        assert_eq!(m[0] & 0x01, 0, "unicast");
+        assert_eq!(m[0] & 0x02, 0x02, "locally administered");
+        let m6 = vtep_mac("2001:db8::c612:7".parse().expect("ip"));
+        assert_eq!(m6, [0x0e, 0x58, 0xc6, 0x12, 0, 7]);
+    }
+
+    #[test]
+    fn mtu_subtracts_the_vxlan_overhead_per_underlay_family() {
+        assert_eq!(pod_mtu(1500, "198.18.0.1".parse().expect("ip")), 1450);
+        assert_eq!(pod_mtu(9000, "2001:db8::1".parse().expect("ip")), 8930);
+    }
+
+    #[test]
+    fn a_node_has_one_fdb_and_a_neighbour_and_route_per_podcidr() {
+        let node = RemoteNode {
+            name: "n2".into(),
+            underlay_ip: "198.18.0.2".parse().expect("ip"),
+            pod_cidrs: vec![
+                "10.244.2.0/24".parse().expect("net"),
+                "fd00:10:244:2::/64".parse().expect("net"),
+            ],
+        };
+        let e: Vec<String> = entries_for(&node).iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            e,
+            vec![
+                "fdb 0a:58:c6:12:00:02 dst 198.18.0.2",
+                "neigh 10.244.2.1 lladdr 0a:58:c6:12:00:02",
+                "neigh fd00:10:244:2::1 lladdr 0a:58:c6:12:00:02",
+                "route 10.244.2.0/24 via 10.244.2.1 onlink",
+                "route fd00:10:244:2::/64 via fd00:10:244:2::1 onlink",
+            ]
+        );
+    }
+}

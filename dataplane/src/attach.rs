@@ -433,6 +433,24 @@ pub async fn check(
     host: &rtnetlink::Handle,
     spec: &AttachSpec,
 ) -> Result<Vec<String>, AttachError> {
+    Ok(inspect(host, spec).await?.problems)
+}
+
+/// What [`inspect`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspection {
+    /// One line per thing missing; empty when the attachment is whole.
+    pub problems: Vec<String>,
+    /// The attachment as found, when it is whole.
+    pub attachment: Option<Attachment>,
+}
+
+/// Read an attachment back from the kernel: what is missing, and the attachment itself
+/// (MACs included) when nothing is, so a repeated ADD can answer without touching it.
+pub async fn inspect(
+    host: &rtnetlink::Handle,
+    spec: &AttachSpec,
+) -> Result<Inspection, AttachError> {
     let mut problems = Vec::new();
     let host_name = host_veth_name(&spec.container_id, &spec.ifname);
     let Some(host_link) = nl::link_by_name(host, &host_name)
@@ -440,7 +458,10 @@ pub async fn check(
         .map_err(nl_err(format!("look up {host_name}")))?
     else {
         problems.push(format!("host link {host_name} is missing"));
-        return Ok(problems);
+        return Ok(Inspection {
+            problems,
+            attachment: None,
+        });
     };
     if !host_link.up {
         problems.push(format!("host link {host_name} is down"));
@@ -454,30 +475,48 @@ pub async fn check(
     }
     if !Path::new(&spec.netns).exists() {
         problems.push(format!("pod netns {} is missing", spec.netns.display()));
-        return Ok(problems);
+        return Ok(Inspection {
+            problems,
+            attachment: None,
+        });
     }
     let ifname = spec.ifname.clone();
     let ips = spec.ips.clone();
-    let pod_problems = crate::netns::run_in(&spec.netns, move |pod| async move {
+    let (pod_problems, pod_mac) = crate::netns::run_in(&spec.netns, move |pod| async move {
         check_pod_side(&pod, &ifname, &ips).await
     })
     .await??;
     problems.extend(pod_problems);
-    Ok(problems)
+    let attachment = match (problems.is_empty(), host_link.mac, pod_mac) {
+        (true, Some(host_mac), Some(pod_mac)) => Some(Attachment {
+            host_ifname: host_name,
+            host_mac,
+            pod_ifname: spec.ifname.clone(),
+            pod_mac,
+            netns: spec.netns.clone(),
+            ips: spec.ips.clone(),
+            mtu: host_link.mtu.unwrap_or(spec.mtu),
+        }),
+        _ => None,
+    };
+    Ok(Inspection {
+        problems,
+        attachment,
+    })
 }
 
 async fn check_pod_side(
     pod: &rtnetlink::Handle,
     ifname: &str,
     ips: &[IpAddr],
-) -> Result<Vec<String>, AttachError> {
+) -> Result<(Vec<String>, Option<[u8; 6]>), AttachError> {
     let mut problems = Vec::new();
     let Some(link) = nl::link_by_name(pod, ifname)
         .await
         .map_err(nl_err(format!("look up {ifname} in pod")))?
     else {
         problems.push(format!("pod link {ifname} is missing"));
-        return Ok(problems);
+        return Ok((problems, None));
     };
     if !link.up {
         problems.push(format!("pod link {ifname} is down"));
@@ -529,7 +568,7 @@ async fn check_pod_side(
             problems.push(format!("pod neighbour {gw} on {ifname} is missing"));
         }
     }
-    Ok(problems)
+    Ok((problems, link.mac))
 }
 
 /// (destination, prefix length, gateway) of the main-table routes out of `index`.

@@ -190,6 +190,9 @@ pub struct Overlay {
     index: u32,
     mtu: u32,
     programmed: BTreeMap<String, (RemoteNode, BTreeSet<Entry>)>,
+    /// Whether the kernel's entries on `vxweft` have been reconciled once (after a restart
+    /// the device keeps the previous process's entries, some of them for nodes since gone).
+    adopted: bool,
 }
 
 impl Overlay {
@@ -242,15 +245,17 @@ impl Overlay {
             .await
             .map_err(nl_err("look up vxweft"))?
             .ok_or_else(|| OverlayError::Device("vxweft vanished after creation".into()))?;
+        // Only touch the MAC when it differs: changing it flushes the device's neighbour
+        // table, permanent entries included, which would cut every remote node off until
+        // the next sync (seen on 6.18 even for a write of the same address).
+        let mac = vtep_mac(config.underlay_ip);
+        let mut set = LinkUnspec::new_with_index(link.index).mtu(mtu).up();
+        if link.mac != Some(mac) {
+            set = set.address(mac.to_vec());
+        }
         handle
             .link()
-            .set(
-                LinkUnspec::new_with_index(link.index)
-                    .address(vtep_mac(config.underlay_ip).to_vec())
-                    .mtu(mtu)
-                    .up()
-                    .build(),
-            )
+            .set(set.build())
             .execute()
             .await
             .map_err(nl_err("set vxweft MAC, MTU, up"))?;
@@ -271,6 +276,7 @@ impl Overlay {
             index: link.index,
             mtu,
             programmed: BTreeMap::new(),
+            adopted: false,
         })
     }
 
@@ -288,6 +294,16 @@ impl Overlay {
             .filter(|n| n.underlay_ip != self.config.underlay_ip)
             .map(|n| (n.name.as_str(), n))
             .collect();
+        if !self.adopted {
+            let desired: BTreeSet<Entry> = wanted.values().flat_map(|n| entries_for(n)).collect();
+            match self.delete_strays(handle, &desired).await {
+                Ok(n) => {
+                    report.entries_deleted += n;
+                    self.adopted = true;
+                }
+                Err(e) => tracing::warn!(error = %e, "overlay: could not read back vxweft entries"),
+            }
+        }
         let gone: Vec<String> = self
             .programmed
             .keys()
@@ -338,6 +354,97 @@ impl Overlay {
             tracing::warn!(failed = ?report.failed, "overlay sync: some nodes not programmed");
         }
         report
+    }
+
+    /// First sync after `ensure`: delete every entry on `vxweft` that no wanted node
+    /// accounts for (left by a previous process for nodes that went away meanwhile). Entries
+    /// that are wanted stay untouched; the adds of this sync replace them in place.
+    async fn delete_strays(
+        &self,
+        handle: &rtnetlink::Handle,
+        desired: &BTreeSet<Entry>,
+    ) -> Result<usize, OverlayError> {
+        let found = self.read_back(handle).await?;
+        let mut deleted = 0;
+        for stray in found.difference(desired) {
+            self.delete_entry(handle, stray).await?;
+            deleted += 1;
+        }
+        if deleted > 0 {
+            tracing::info!(
+                deleted,
+                "overlay: removed entries of nodes no longer present"
+            );
+        }
+        Ok(deleted)
+    }
+
+    /// The FDB, neighbour and gatewayed route entries the kernel has on `vxweft`.
+    async fn read_back(&self, handle: &rtnetlink::Handle) -> Result<BTreeSet<Entry>, OverlayError> {
+        use rtnetlink::packet_route::AddressFamily;
+        use rtnetlink::packet_route::neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourState,
+        };
+        let mut out = BTreeSet::new();
+        let routes = crate::attach::routes_via(handle, self.index)
+            .await
+            .map_err(|e| OverlayError::Device(format!("read vxweft routes: {e}")))?;
+        for (dst, len, gw) in routes {
+            if let (Some(via), Ok(cidr)) = (gw, IpNet::new(dst, len)) {
+                out.insert(Entry::Route { cidr, via });
+            }
+        }
+        for family in [
+            AddressFamily::Inet,
+            AddressFamily::Inet6,
+            AddressFamily::Bridge,
+        ] {
+            let mut dump = handle
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute();
+            while let Some(msg) = dump.try_next().await.map_err(nl_err("dump neighbours"))? {
+                if msg.header.ifindex != self.index {
+                    continue;
+                }
+                let mut ip = None;
+                let mut mac = None;
+                for attr in &msg.attributes {
+                    match attr {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                            ip = Some(IpAddr::V4(*a))
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                            ip = Some(IpAddr::V6(*a))
+                        }
+                        // FDB entries (family AF_BRIDGE) carry the VTEP address unparsed.
+                        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                            ip = match b.len() {
+                                4 => <[u8; 4]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+                                16 => <[u8; 16]>::try_from(b.as_slice()).ok().map(IpAddr::from),
+                                _ => None,
+                            }
+                        }
+                        NeighbourAttribute::LinkLayerAddress(l) if l.len() == 6 => {
+                            let mut m = [0u8; 6];
+                            m.copy_from_slice(l);
+                            mac = Some(m);
+                        }
+                        _ => {}
+                    }
+                }
+                let (Some(ip), Some(mac)) = (ip, mac) else {
+                    continue;
+                };
+                if family == AddressFamily::Bridge {
+                    out.insert(Entry::Fdb { mac, dst: ip });
+                } else if msg.header.state == NeighbourState::Permanent {
+                    out.insert(Entry::Neighbour { ip, mac });
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Delete `old − new`, then add `new − old` (adds replace, so an entry the kernel already

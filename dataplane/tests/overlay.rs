@@ -179,4 +179,30 @@ fn pods_on_three_nodes_talk_over_vxlan_and_removing_a_node_removes_only_its_rout
             .contains("fd00:10:244:2::/64")
     );
     assert!(ping(&p1a, ip("10.244.2.2")));
+
+    // Agent restart while node 2 left and node 3 came back: the new process adopts vxweft,
+    // deletes node 2's leftovers (fdb, v4 neighbour, v4 route) and programs node 3.
+    let cidrs: Vec<IpNet> = remote(1).pod_cidrs;
+    let config = OverlayConfig::new(
+        remote(1).underlay_ip,
+        PodCidrs::from_list(&cidrs).expect("cidrs"),
+    );
+    let restarted = nodes[0]
+        .ns
+        .netlink(move |h| async move { Overlay::ensure(&h, config).await })
+        .expect("adopt vxweft");
+    nodes[0].overlay = Some(restarted);
+    let report = nodes[0].sync(vec![remote(1), remote(3)]);
+    assert_eq!(report.added, vec!["n3"]);
+    assert_eq!(
+        (report.entries_added, report.entries_deleted),
+        (5, 3),
+        "{report:?}"
+    );
+    let routes = nodes[0].ns.ip(&["route"]);
+    assert!(
+        routes.contains("10.244.3.0/24") && !routes.contains("10.244.2.0/24"),
+        "{routes}"
+    );
+    assert!(ping(&p1a, ip("10.244.3.2")) && udp_echo(&p1a, ip("fd00:10:244:3::2"), 7000));
 }

@@ -575,3 +575,46 @@ fn with_the_agent_down_add_is_retryable_status_unavailable_and_del_still_cleans_
     let state = std::fs::read_to_string(tmp.0.join("ipam/state.json")).expect("state");
     assert!(!state.contains("ctr-x/eth0"), "{state}");
 }
+
+/// Not run by default (`cargo test -p weft-cni -- --ignored --nocapture`): ADD latency as
+/// the runtime sees it, plugin exec through `ip netns exec` included, fake gate (no policy).
+#[test]
+#[ignore]
+fn add_latency_over_100_pods() {
+    if !can_run() {
+        return;
+    }
+    let tmp = TempDir::new("latency");
+    let node = Netns::new("node");
+    let _agent = Agent::start(
+        &node,
+        &tmp.0,
+        &["10.244.3.0/24", "fd00:10:244:3::/64"],
+        Arc::new(FakeGate::default()),
+    );
+    let c11 = conf(&tmp.0, "1.1.0", json!({}));
+    let pods: Vec<Netns> = (0..100).map(|i| Netns::new(&format!("l{i}"))).collect();
+    let mut times = Vec::new();
+    for (i, p) in pods.iter().enumerate() {
+        let path = p.path().display().to_string();
+        let id = format!("lat-{i}");
+        let started = std::time::Instant::now();
+        let out = cni(
+            &node,
+            &pod_env("ADD", &id, &path, "K8S_POD_NAMESPACE=l;K8S_POD_NAME=p"),
+            &c11,
+        );
+        times.push(started.elapsed());
+        assert!(out.ok, "{}", out.stdout);
+    }
+    let baseline = {
+        let started = std::time::Instant::now();
+        let _ = cni(&node, &[("CNI_COMMAND", "VERSION")], "{}");
+        started.elapsed()
+    };
+    times.sort();
+    eprintln!(
+        "ADD over 100 pods: p50 {:?}, p99 {:?}, max {:?} (one VERSION exec through ip netns exec: {:?})",
+        times[49], times[98], times[99], baseline
+    );
+}

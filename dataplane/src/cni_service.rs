@@ -214,15 +214,23 @@ impl CniService {
                 args.netns.clone(),
             ));
         }
+        let existed = self.ipam.get(&args.key).map_err(ipam_error)?.is_some();
         let allocation = self
             .ipam
             .allocate(&args.key, &args.pod, &args.pinned_ips)
             .map_err(ipam_error)?;
         let spec = self.spec(&args, allocation.ips.clone());
-        let existing = attach::inspect(&self.host, &spec)
-            .await
-            .map_err(|e| dataplane_error("inspect attachment", e))?;
-        let attachment = match existing.attachment {
+        // Only a repeated ADD can find a whole attachment; a first one goes straight to
+        // attach (which clears leftovers of an earlier failed try itself).
+        let whole = if existed {
+            attach::inspect(&self.host, &spec)
+                .await
+                .map_err(|e| dataplane_error("inspect attachment", e))?
+                .attachment
+        } else {
+            None
+        };
+        let attachment = match whole {
             Some(whole) => whole,
             None => attach::attach(&self.host, &spec)
                 .await

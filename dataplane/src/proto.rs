@@ -344,20 +344,22 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, Response> {
     })
 }
 
-/// Bind the agent's socket: create the parent directory, replace a stale socket file, and
-/// restrict it to root (0600) before anyone can connect.
+/// Bind the agent's socket: create the parent directory, and make the socket root-only
+/// (0600) before anyone can connect to it: bound under a temporary name, restricted, then
+/// renamed over the real path (which also replaces a stale socket atomically).
 pub fn bind(socket: &Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let std_listener = std::os::unix::net::UnixListener::bind(socket)?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    let dir = socket.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = socket
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "agent.sock".into());
+    let staging = dir.join(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let std_listener = std::os::unix::net::UnixListener::bind(&staging)?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&staging, socket)?;
     std_listener.set_nonblocking(true)?;
     tokio::net::UnixListener::from_std(std_listener)
 }
@@ -441,5 +443,55 @@ mod tests {
             serde_json::from_str::<Response>(&text).expect("decode"),
             resp
         );
+    }
+
+    #[test]
+    fn the_socket_is_root_only_and_a_call_gets_one_answer() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("weft-proto-{}", std::process::id()));
+        let socket = dir.join("agent.sock");
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(&socket, b"stale").expect("stale file");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime.block_on(async { bind(&socket) }).expect("bind");
+        let mode = std::fs::metadata(&socket)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let client_socket = socket.clone();
+        let client = std::thread::spawn(move || {
+            call(
+                &client_socket,
+                &Request::new(Operation::Status),
+                Duration::from_secs(5),
+            )
+        });
+        runtime.block_on(async {
+            let (stream, _) = listener.accept().await.expect("accept");
+            serve_connection(stream, Duration::from_secs(5), |req| async move {
+                assert_eq!(req.op, Operation::Status);
+                Response {
+                    version: req.version,
+                    result: Ok(Outcome::Done),
+                }
+            })
+            .await
+            .expect("serve");
+        });
+        let answer = client.join().expect("client").expect("call");
+        assert_eq!(answer.result, Ok(Outcome::Done));
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
+        let err = call(
+            &socket,
+            &Request::new(Operation::Status),
+            Duration::from_secs(1),
+        )
+        .expect_err("nobody listens");
+        assert!(matches!(err, CallError::AgentDown { .. }), "{err}");
     }
 }

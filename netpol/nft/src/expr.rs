@@ -330,7 +330,21 @@ fn dport_payload(dreg: u32) -> RawExpr {
     }
 }
 
-fn lower_match(m: &Match, out: &mut Vec<RawExpr>) -> Result<(), LowerError> {
+/// Emits the `meta nfproto` guard of `family` unless an earlier part of the same rule already
+/// did: nft adds the guard once per rule, when its protocol context does not know the family
+/// yet (`ip saddr @a ip daddr . meta l4proto . th dport @b` has one guard, not two).
+fn guard_once(family: Family, known: &mut Option<Family>, out: &mut Vec<RawExpr>) {
+    if *known != Some(family) {
+        out.extend(nfproto_guard(family));
+        *known = Some(family);
+    }
+}
+
+fn lower_match(
+    m: &Match,
+    known: &mut Option<Family>,
+    out: &mut Vec<RawExpr>,
+) -> Result<(), LowerError> {
     match m {
         Match::Ct(CtState::EstablishedRelated) => out.extend([
             RawExpr::Ct {
@@ -385,7 +399,7 @@ fn lower_match(m: &Match, out: &mut Vec<RawExpr>) -> Result<(), LowerError> {
             set,
             negate,
         } => {
-            out.extend(nfproto_guard(*family));
+            guard_once(*family, known, out);
             out.push(addr_payload(*family, *field, REG_1));
             out.push(RawExpr::Lookup {
                 set: set.clone(),
@@ -400,7 +414,7 @@ fn lower_match(m: &Match, out: &mut Vec<RawExpr>) -> Result<(), LowerError> {
                 Family::V4 => 1,
                 Family::V6 => 4,
             };
-            out.extend(nfproto_guard(*family));
+            guard_once(*family, known, out);
             out.push(addr_payload(*family, AddrField::Daddr, REG_1));
             out.push(RawExpr::Meta {
                 key: meta_key::L4PROTO,
@@ -509,8 +523,9 @@ pub fn check_comment(c: &str) -> Result<(), LowerError> {
 /// The expressions nft generates for `rule` (matches, `counter`, action), in order.
 pub fn lower(rule: &Rule) -> Result<Vec<RawExpr>, LowerError> {
     let mut out = Vec::new();
+    let mut known = None;
     for m in &rule.matches {
-        lower_match(m, &mut out)?;
+        lower_match(m, &mut known, &mut out)?;
     }
     if rule.counter {
         out.push(RawExpr::Counter);
@@ -518,7 +533,7 @@ pub fn lower(rule: &Rule) -> Result<Vec<RawExpr>, LowerError> {
     match &rule.action {
         Action::Verdict(v) => out.push(lower_verdict(v)),
         Action::Vmap { family, field, map } => {
-            out.extend(nfproto_guard(*family));
+            guard_once(*family, &mut known, &mut out);
             out.push(addr_payload(*family, *field, REG_1));
             out.push(RawExpr::Lookup {
                 set: map.clone(),
@@ -566,6 +581,43 @@ fn port(data: &[u8]) -> Option<u16> {
     Some(u16::from_be_bytes(data.try_into().ok()?))
 }
 
+/// An address lookup (`ip saddr @s`) or a named-port lookup (`ip daddr . meta l4proto . th
+/// dport @s`) starting with its address payload, the `meta nfproto` guard already consumed.
+fn raise_addr_match(e: &[RawExpr]) -> Option<(Match, usize)> {
+    let (family, field) = raise_addr(e.first()?)?;
+    match e.get(1)? {
+        RawExpr::Lookup {
+            set,
+            dreg: None,
+            flags,
+            ..
+        } => Some((
+            Match::AddrInSet {
+                family,
+                field,
+                set: set.clone(),
+                negate: *flags == LOOKUP_F_INV,
+            },
+            2,
+        )),
+        RawExpr::Meta {
+            key: meta_key::L4PROTO,
+            ..
+        } => match e.get(3)? {
+            RawExpr::Lookup { set, .. } => Some((
+                Match::DestPortInSet {
+                    family,
+                    set: set.clone(),
+                },
+                4,
+            )),
+            _ => None,
+        },
+        // A lookup with a dreg is the vmap action, not a match.
+        _ => None,
+    }
+}
+
 /// Recognises one match at the start of `e`: the match and how many expressions it used.
 /// Loose on purpose; [`raise`] checks the result by lowering it again.
 fn raise_match(e: &[RawExpr]) -> Option<(Match, usize)> {
@@ -586,40 +638,12 @@ fn raise_match(e: &[RawExpr]) -> Option<(Match, usize)> {
         RawExpr::Meta {
             key: meta_key::NFPROTO,
             ..
-        } => {
-            let (family, field) = raise_addr(e.get(2)?)?;
-            match e.get(3)? {
-                RawExpr::Lookup {
-                    set,
-                    dreg: None,
-                    flags,
-                    ..
-                } => Some((
-                    Match::AddrInSet {
-                        family,
-                        field,
-                        set: set.clone(),
-                        negate: *flags == LOOKUP_F_INV,
-                    },
-                    4,
-                )),
-                RawExpr::Meta {
-                    key: meta_key::L4PROTO,
-                    ..
-                } => match e.get(5)? {
-                    RawExpr::Lookup { set, .. } => Some((
-                        Match::DestPortInSet {
-                            family,
-                            set: set.clone(),
-                        },
-                        6,
-                    )),
-                    _ => None,
-                },
-                // A lookup with a dreg is the vmap action, not a match.
-                _ => None,
-            }
-        }
+        } => raise_addr_match(e.get(2..)?).map(|(m, used)| (m, used + 2)),
+        // An address match after another of the same family: its guard was not repeated.
+        RawExpr::Payload {
+            base: payload_base::NETWORK,
+            ..
+        } => raise_addr_match(e),
         RawExpr::Meta {
             key: meta_key::L4PROTO,
             ..
@@ -677,7 +701,7 @@ pub fn raise(exprs: &[RawExpr], udata_bytes: Option<&[u8]>) -> Option<Rule> {
         [RawExpr::Verdict { code, chain }] => {
             Action::Verdict(raise_verdict(*code, chain.as_deref())?)
         }
-        [_, _, payload, RawExpr::Lookup { set, .. }] => {
+        [_, _, payload, RawExpr::Lookup { set, .. }] | [payload, RawExpr::Lookup { set, .. }] => {
             let (family, field) = raise_addr(payload)?;
             Action::Vmap {
                 family,
@@ -798,6 +822,33 @@ mod tests {
                  [ immediate reg 0 verdict 1 ]",
             ),
             (
+                // A peer and a named port in one rule: one nfproto guard, as nft writes it.
+                rule(
+                    vec![
+                        Match::AddrInSet {
+                            family: Family::V4,
+                            field: AddrField::Saddr,
+                            set: "s4".into(),
+                            negate: false,
+                        },
+                        Match::DestPortInSet {
+                            family: Family::V4,
+                            set: "np4".into(),
+                        },
+                    ],
+                    accept(),
+                ),
+                // [ meta load nfproto => reg 1 ] [ cmp eq reg 1 0x00000002 ]
+                // [ payload load 4b @ network header + 12 => reg 1 ] [ lookup reg 1 set s4 ]
+                // [ payload load 4b @ network header + 16 => reg 1 ] [ meta load l4proto => reg 9 ]
+                // [ payload load 2b @ transport header + 2 => reg 10 ] [ lookup reg 1 set np4 ]
+                "[ meta load 15 => reg 1 ] [ cmp op0 reg 1 0x00000002 ] \
+                 [ payload load 4b @ network header + 12 => reg 1 ] [ lookup reg 1 set s4 ] \
+                 [ payload load 4b @ network header + 16 => reg 1 ] [ meta load 16 => reg 9 ] \
+                 [ payload load 2b @ transport header + 2 => reg 10 ] [ lookup reg 1 set np4 ] \
+                 [ immediate reg 0 verdict 1 ]",
+            ),
+            (
                 rule(
                     vec![Match::DestPort {
                         protocol: Protocol::Udp,
@@ -872,6 +923,32 @@ mod tests {
                     set: "np".into(),
                 }],
                 Action::Verdict(Verdict::Drop),
+            ));
+            // Matches and a vmap of one family share one guard.
+            rules.push(rule(
+                vec![
+                    Match::AddrInSet {
+                        family,
+                        field: AddrField::Daddr,
+                        set: "s".into(),
+                        negate: true,
+                    },
+                    Match::DestPortInSet {
+                        family,
+                        set: "np".into(),
+                    },
+                    Match::AddrInSet {
+                        family,
+                        field: AddrField::Saddr,
+                        set: "s".into(),
+                        negate: false,
+                    },
+                ],
+                Action::Vmap {
+                    family,
+                    field: AddrField::Saddr,
+                    map: "m".into(),
+                },
             ));
         }
         for protocol in Protocol::ALL {

@@ -413,6 +413,23 @@ pub fn every_shape() -> Ruleset {
         }],
         accept(),
     ));
+    // Two address matches of one family in one rule (a peer and a named port, as compile
+    // writes them): nft emits the `meta nfproto` guard once.
+    for (family, cidr, nport) in [
+        (Family::V4, "cidr-v4", "nport-v4"),
+        (Family::V6, "cidr-v6", "nport-v6"),
+    ] {
+        pol.push(rule(
+            vec![
+                in_set(family, AddrField::Saddr, cidr, false),
+                Match::DestPortInSet {
+                    family,
+                    set: nport.into(),
+                },
+            ],
+            accept(),
+        ));
+    }
     pol.push(rule(vec![Match::L4Proto(Protocol::Sctp)], accept()));
     pol.push(rule(
         vec![in_set(Family::V4, AddrField::Saddr, "cidr-v4", false)],

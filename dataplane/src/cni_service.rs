@@ -214,7 +214,21 @@ impl CniService {
                 args.netns.clone(),
             ));
         }
-        let existed = self.ipam.get(&args.key).map_err(ipam_error)?.is_some();
+        let host_name = attach::host_veth_name(&args.key.container_id, &args.key.ifname);
+        let all = self.ipam.list().map_err(ipam_error)?;
+        let existed = all.iter().any(|a| a.key == args.key);
+        // 32 hash bits name the host veth: a clash with another live attachment is refused
+        // rather than "repaired" by deleting the other pod's link.
+        if let Some(other) = all.iter().find(|a| {
+            a.key != args.key
+                && attach::host_veth_name(&a.key.container_id, &a.key.ifname) == host_name
+        }) {
+            return Err(ErrorBody::new(
+                codes::DATAPLANE,
+                format!("host interface name {host_name} is taken"),
+                format!("{} and {} hash to the same name", args.key, other.key),
+            ));
+        }
         let allocation = self
             .ipam
             .allocate(&args.key, &args.pod, &args.pinned_ips)
@@ -342,6 +356,27 @@ impl CniService {
                 e.to_string(),
             )
         })
+    }
+
+    /// API-based cleanup for the agent: release and detach the attachments of pods whose UID
+    /// the API server no longer has, once they are at least `min_age` old (DESIGN §4: never
+    /// racing a fresh ADD). Returns how many went.
+    pub async fn release_deleted_pods(
+        &self,
+        live_uids: &HashSet<String>,
+        min_age: Duration,
+    ) -> Result<usize, ErrorBody> {
+        let gone = self
+            .ipam
+            .release_deleted_pods(live_uids, min_age)
+            .map_err(ipam_error)?;
+        for a in &gone {
+            let name = attach::host_veth_name(&a.key.container_id, &a.key.ifname);
+            if let Err(e) = attach::detach(&self.host, &name).await {
+                tracing::warn!(key = %a.key, error = %e, "cleanup of a deleted pod left its link");
+            }
+        }
+        Ok(gone.len())
     }
 
     /// Release the addresses of DELs the plugin did alone (agent down), and the host veths

@@ -436,6 +436,40 @@ impl Ipam {
         })
     }
 
+    /// API-based cleanup: release allocations of pods whose UID is not in `live_uids` (the
+    /// pods the API server still has) and that are at least `min_age` old, so a fresh ADD
+    /// whose pod the watch has not shown yet is never freed. Allocations without a UID (old
+    /// runtimes) are left to CNI GC.
+    pub fn release_deleted_pods(
+        &self,
+        live_uids: &HashSet<String>,
+        min_age: Duration,
+    ) -> Result<Vec<Allocation>, IpamError> {
+        let now = self.clock.now_ms();
+        let min_age = min_age.as_millis() as u64;
+        self.transact(|state| {
+            let stale: Vec<String> = state
+                .allocations
+                .iter()
+                .filter(|(_, a)| {
+                    !a.pod.uid.is_empty()
+                        && !live_uids.contains(&a.pod.uid)
+                        && now.saturating_sub(a.allocated_at_ms) >= min_age
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            let mut gone = Vec::new();
+            for k in stale {
+                if let Some(a) = state.allocations.remove(&k) {
+                    remember_released(state, &a.ips, now, self.config.cooldown);
+                    gone.push(a);
+                }
+            }
+            let changed = !gone.is_empty();
+            Ok((gone, changed))
+        })
+    }
+
     /// One critical section: lock, read, run `change` (which says whether it changed the
     /// state), write back if so.
     fn transact<T>(

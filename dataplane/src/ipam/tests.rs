@@ -302,6 +302,40 @@ fn gc_frees_only_invalid_attachments_older_than_the_grace() {
 }
 
 #[test]
+fn api_cleanup_frees_only_old_allocations_of_pods_the_api_no_longer_has() {
+    let tmp = TempDir::new("uid");
+    let clock = Arc::new(FakeClock::new(0));
+    let ipam = open(
+        &tmp.0,
+        cidrs(&["10.244.1.0/24"]),
+        clock.clone(),
+        DEFAULT_COOLDOWN,
+    );
+    ipam.allocate(&key("live"), &pod("live"), &[])
+        .expect("alloc");
+    ipam.allocate(&key("deleted"), &pod("deleted"), &[])
+        .expect("alloc");
+    let no_uid = PodRef {
+        namespace: "ns".into(),
+        name: "legacy".into(),
+        uid: String::new(),
+    };
+    ipam.allocate(&key("legacy"), &no_uid, &[]).expect("alloc");
+    clock.advance(Duration::from_secs(600));
+    ipam.allocate(&key("fresh"), &pod("fresh"), &[])
+        .expect("alloc"); // not watched yet
+    let live: HashSet<String> = ["uid-live".to_string()].into_iter().collect();
+    let gone = ipam
+        .release_deleted_pods(&live, Duration::from_secs(300))
+        .expect("cleanup");
+    assert_eq!(
+        gone.iter().map(|a| a.key.clone()).collect::<Vec<_>>(),
+        vec![key("deleted")]
+    );
+    assert_eq!(ipam.list().expect("list").len(), 3);
+}
+
+#[test]
 fn threads_with_their_own_handles_never_share_an_address() {
     let tmp = TempDir::new("threads");
     let c = cidrs(&["10.244.1.0/24"]);

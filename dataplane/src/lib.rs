@@ -17,6 +17,42 @@
 //! [`ipam::Ipam::allocate`] → [`attach::attach`] → [`cni_service::PolicyGate`] → result.
 //!
 //! Unsafe code is denied everywhere except in [`netns`], which needs `setns(2)`.
+//!
+//! How the agent serves the plugin (its policy engine implements [`cni_service::PolicyGate`]):
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use weft_dataplane::cni_service::{CniService, PolicyGate, ServiceConfig};
+//! use weft_dataplane::ipam::{Ipam, IpamConfig, PodCidrs, SystemClock};
+//! use weft_dataplane::{proto, rtnetlink};
+//!
+//! struct Engine;
+//! impl PolicyGate for Engine {
+//!     fn wait_programmed(&self, _: &proto::PodRef, _: &[std::net::IpAddr], _: Duration) -> Result<(), String> {
+//!         Ok(()) // the real one waits until the pod's IPs are in the kernel's sets and maps
+//!     }
+//! }
+//!
+//! # async fn agent() -> Result<(), Box<dyn std::error::Error>> {
+//! let cidrs = PodCidrs::from_list(&["10.244.1.0/24".parse()?, "fd00:10:244:1::/64".parse()?])?;
+//! let ipam = Ipam::open(IpamConfig::new(cidrs), Arc::new(SystemClock))?;
+//! let (connection, handle, _) = rtnetlink::new_connection()?;
+//! tokio::spawn(connection);
+//! let service = Arc::new(CniService::new(ipam, Arc::new(Engine), ServiceConfig::default(), handle));
+//! let listener = proto::bind(std::path::Path::new(proto::DEFAULT_SOCKET))?;
+//! loop {
+//!     let (stream, _) = listener.accept().await?;
+//!     let service = service.clone();
+//!     tokio::spawn(async move {
+//!         let _ = proto::serve_connection(stream, Duration::from_secs(5), |request| async move {
+//!             service.handle(request).await
+//!         })
+//!         .await;
+//!     });
+//! }
+//! # }
+//! ```
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -29,3 +65,6 @@ pub mod overlay;
 pub mod proto;
 
 mod nl;
+
+/// The rtnetlink crate this one is built on, so callers make handles of the same version.
+pub use rtnetlink;

@@ -67,6 +67,15 @@ pub fn pod_mtu(underlay_mtu: u32, underlay: IpAddr) -> u32 {
     })
 }
 
+/// Turn on IPv4 and IPv6 forwarding in the calling thread's network namespace: every pod
+/// packet is routed by the node. Caveat for the agent: with IPv6 forwarding on, a host
+/// interface with `accept_ra=1` stops taking router advertisements; nodes that learn their
+/// IPv6 default route by RA need `accept_ra=2` on the underlay interface first.
+pub fn enable_forwarding() -> std::io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")?;
+    std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", b"1")
+}
+
 /// This node's side of the overlay.
 #[derive(Debug, Clone)]
 pub struct OverlayConfig {

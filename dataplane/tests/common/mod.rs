@@ -70,9 +70,11 @@ impl Netns {
         run(&full)
     }
 
+    /// Forwarding on, through the library (from a thread inside the namespace).
     pub fn forwarding(&self) {
-        self.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        self.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        in_ns(self, weft_dataplane::overlay::enable_forwarding).expect("enable forwarding");
+        let v4 = self.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"]);
+        assert_eq!(v4.trim(), "1", "forwarding set in {}", self.name);
     }
 
     /// Run async netlink work in this namespace.

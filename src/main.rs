@@ -55,6 +55,15 @@ struct AgentArgs {
     /// Program an in-memory table instead of the kernel (try the agent without root).
     #[arg(long)]
     dry_run: bool,
+    /// State directory: IPAM allocations, CNI release records.
+    #[arg(long, default_value = "/var/lib/weft")]
+    state_dir: PathBuf,
+    /// Underlay address of this node for the VXLAN overlay (default: the Node's InternalIP).
+    #[arg(long)]
+    underlay_ip: Option<std::net::IpAddr>,
+    /// Policy enforcement only: no overlay, no CNI service.
+    #[arg(long)]
+    no_dataplane: bool,
     /// Test-only fault injection: `panic-policy=NAME` or `panic-watch=KIND`.
     #[arg(long, env = "WEFT_FAULT_INJECT", hide = true)]
     inject: Option<String>,
@@ -122,6 +131,9 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         watch,
         dry_run: args.dry_run,
         inject_panic_policy,
+        state_dir: args.state_dir,
+        underlay_ip: args.underlay_ip,
+        no_dataplane: args.no_dataplane || args.dry_run,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

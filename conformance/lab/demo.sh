@@ -39,7 +39,7 @@ cni() { # command pod-key node-index
     CNI_IFNAME=eth0 CNI_PATH="$TARGET/debug" \
     CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=$ns;K8S_POD_NAME=$name;K8S_POD_UID=$uid" \
     ip netns exec "$PREFIX-node$i" "$WEFT_CNI" <<EOF
-{"cniVersion":"1.1.0","name":"weft","type":"weft","socket":"$DIR/run/node$i/agent.sock","stateDir":"$DIR/run/node$i"}
+{"cniVersion":"1.1.0","name":"weft","type":"weft-cni","agentSocket":"$DIR/run/node$i/agent.sock","stateDir":"$DIR/run/node$i"}
 EOF
 }
 

@@ -56,6 +56,8 @@ pub struct Shared {
     pub table_size: Mutex<(usize, usize, usize, usize)>,
     /// Node name.
     pub node: String,
+    /// Local pod addresses in the last committed table (CNI ADD waits for its pod's).
+    pub local_ips: Mutex<BTreeSet<std::net::IpAddr>>,
 }
 
 impl Shared {
@@ -73,6 +75,7 @@ impl Shared {
             object_errors: Mutex::default(),
             table_size: Mutex::default(),
             node: node.to_string(),
+            local_ips: Mutex::default(),
         }
     }
 
@@ -133,6 +136,10 @@ pub struct Controller {
     /// The last valid version of policies, for objects that became invalid.
     injected: bool,
     last_reconcile: Option<Instant>,
+    /// Addresses CNI ADD gave pods the API does not show yet: pod → (uid, addresses).
+    cni_ips: BTreeMap<ObjectKey, (String, Vec<std::net::IpAddr>)>,
+    /// Where the dataplane learns the nodes.
+    nodes_tx: Option<tokio::sync::watch::Sender<Vec<super::dataplane::NodeInfo>>>,
 }
 
 impl Controller {
@@ -158,7 +165,18 @@ impl Controller {
             needs_resync: true,
             injected: false,
             last_reconcile: None,
+            cni_ips: BTreeMap::new(),
+            nodes_tx: None,
         }
+    }
+
+    /// Publishes every node change to the dataplane.
+    pub fn with_nodes_channel(
+        mut self,
+        tx: tokio::sync::watch::Sender<Vec<super::dataplane::NodeInfo>>,
+    ) -> Controller {
+        self.nodes_tx = Some(tx);
+        self
     }
 
     /// The engine, once running.
@@ -201,8 +219,26 @@ impl Controller {
         }
     }
 
-    /// One turn, with panics caught: the kernel keeps its last state, the engine is rebuilt.
+    /// One turn, with panics caught: the kernel keeps its last state, the engine is rebuilt,
+    /// and the batch is retried, so no change is lost to a panic (the messages are gone from
+    /// the channel: nothing would deliver them again until the object changes or a relist).
+    /// If the batch panics again, its messages are retried one by one and only those that
+    /// still panic are dropped (logged), so one poisonous object cannot hold back the rest.
     pub fn step_guarded(&mut self, batch: Vec<WatchMsg>) {
+        let retry = batch.clone();
+        if self.try_step(batch) || self.try_step(retry.clone()) {
+            return;
+        }
+        for msg in retry {
+            let what = format!("{} {:?}", msg.kind.name(), msg.resource_version);
+            if !self.try_step(vec![msg]) {
+                error!(message = %what, "a watch message panics the controller every time: dropped");
+            }
+        }
+    }
+
+    /// [`Controller::step`] with a panic caught, counted and recovered from; false if it panicked.
+    fn try_step(&mut self, batch: Vec<WatchMsg>) -> bool {
         let result = catch_unwind(AssertUnwindSafe(|| self.step(batch)));
         if result.is_err() {
             self.shared
@@ -223,12 +259,14 @@ impl Controller {
             }
             self.needs_resync = true;
         }
+        result.is_ok()
     }
 
     /// Applies a batch of watch messages and reconciles.
     pub fn step(&mut self, batch: Vec<WatchMsg>) {
         let started = Instant::now();
         let mut changes = Vec::new();
+        let mut nodes_changed = false;
         for msg in batch {
             if let Some(rv) = &msg.resource_version {
                 self.seen.insert(msg.kind, rv.clone());
@@ -236,7 +274,23 @@ impl Controller {
             if !matches!(msg.body, WatchBody::Progress) {
                 self.unapplied_since.get_or_insert(msg.received);
             }
+            let node_msg = msg.kind == Kind::Nodes;
             self.translate(msg, &mut changes);
+            nodes_changed |= node_msg;
+        }
+        if nodes_changed && let Some(tx) = &self.nodes_tx {
+            let infos: Vec<super::dataplane::NodeInfo> = self
+                .nodes
+                .values()
+                .filter_map(super::dataplane::NodeInfo::from_api)
+                .collect();
+            tx.send_if_modified(|have| {
+                let changed = *have != infos;
+                if changed {
+                    *have = infos;
+                }
+                changed
+            });
         }
         let mut ops = Vec::new();
         match &mut self.phase {
@@ -327,6 +381,11 @@ impl Controller {
             .observe(started.elapsed());
         self.last_reconcile = Some(Instant::now());
         if let Phase::Running { engine } = &self.phase {
+            *self
+                .shared
+                .local_ips
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = super::dataplane::local_ips(engine.desired());
             let rs = engine.desired();
             *self
                 .shared
@@ -375,10 +434,34 @@ impl Controller {
     fn translate(&mut self, msg: WatchMsg, out: &mut Vec<Change>) {
         match msg.body {
             WatchBody::Progress => {}
+            WatchBody::CniAttached { pod, uid, ips } => {
+                // The API will show these addresses only after ADD returns; enforce now.
+                self.cni_ips.insert(pod.clone(), (uid.clone(), ips.clone()));
+                if let Some(known) = self.current().pods.get(&pod)
+                    && known.ips.is_empty()
+                    && (uid.is_empty() || known.uid.is_empty() || known.uid == uid)
+                {
+                    let mut p = known.clone();
+                    p.ips = ips;
+                    out.push(Change::UpsertPod(p));
+                }
+            }
+            WatchBody::CniReleased { pod } => {
+                if self.cni_ips.remove(&pod).is_some()
+                    && let Some(known) = self.current().pods.get(&pod)
+                    && !known.ips.is_empty()
+                {
+                    // Still in the API (being deleted): its addresses are free again.
+                    let mut p = known.clone();
+                    p.ips.clear();
+                    out.push(Change::UpsertPod(p));
+                }
+            }
             WatchBody::Applied(obj) => self.upsert(obj, out),
             WatchBody::Deleted(obj) => match obj {
                 Obj::Pod(p) => {
                     if let Some(pod) = Pod::from_api(&p) {
+                        self.cni_ips.remove(&pod.key);
                         out.push(Change::DeletePod(pod.key));
                     }
                 }
@@ -471,7 +554,13 @@ impl Controller {
     fn upsert(&mut self, obj: Obj, out: &mut Vec<Change>) {
         match obj {
             Obj::Pod(p) => {
-                if let Some(pod) = Pod::from_api(&p) {
+                if let Some(mut pod) = Pod::from_api(&p) {
+                    if pod.ips.is_empty()
+                        && let Some((uid, ips)) = self.cni_ips.get(&pod.key)
+                        && (uid.is_empty() || pod.uid.is_empty() || *uid == pod.uid)
+                    {
+                        pod.ips = ips.clone();
+                    }
                     out.push(Change::UpsertPod(pod));
                 }
             }
@@ -638,6 +727,58 @@ mod tests {
     }
 
     #[test]
+    fn addresses_from_cni_add_are_enforced_before_the_api_knows_them() {
+        let (mut c, shared) = controller(None);
+        // The API has the pod (scheduled here) but no IP yet: the kubelet writes it after ADD.
+        let mut fresh = pod("new", "10.244.1.9", "n1");
+        if let Obj::Pod(p) = &mut fresh {
+            p.status = None;
+            p.metadata.uid = Some("u1".into());
+        }
+        list_all(&mut c, vec![fresh], vec![deny_all("deny")]);
+        c.step(vec![msg(Kind::Nodes, WatchBody::Listed(vec![]), "10")]);
+        assert!(shared.local_ips.lock().unwrap().is_empty());
+        let key = ObjectKey::new("default", "new");
+        let ip: std::net::IpAddr = "10.244.1.9".parse().unwrap();
+        c.step(vec![WatchMsg {
+            kind: Kind::Pods,
+            body: WatchBody::CniAttached {
+                pod: key.clone(),
+                uid: "u1".into(),
+                ips: vec![ip],
+            },
+            resource_version: None,
+            received: Instant::now(),
+        }]);
+        assert!(
+            shared.local_ips.lock().unwrap().contains(&ip),
+            "ADD may return now"
+        );
+        let engine = c.engine().unwrap();
+        assert_eq!(
+            engine.desired().sets["ingress-dispatch-v4"].elements.len(),
+            1,
+            "isolated by the deny-all policy from its first packet"
+        );
+        // A later API update without the IP (status not written yet) keeps the CNI addresses.
+        let mut again = pod("new", "10.244.1.9", "n1");
+        if let Obj::Pod(p) = &mut again {
+            p.status = None;
+            p.metadata.uid = Some("u1".into());
+        }
+        c.step(vec![msg(Kind::Pods, WatchBody::Applied(again), "50")]);
+        assert!(shared.local_ips.lock().unwrap().contains(&ip));
+        // CNI DEL: the addresses go.
+        c.step(vec![WatchMsg {
+            kind: Kind::Pods,
+            body: WatchBody::CniReleased { pod: key },
+            resource_version: None,
+            received: Instant::now(),
+        }]);
+        assert!(shared.local_ips.lock().unwrap().is_empty());
+    }
+
+    #[test]
     fn nothing_reaches_the_kernel_before_every_kind_has_listed() {
         let (mut c, shared) = controller(None);
         list_all(&mut c, vec![pod("a", "10.244.1.2", "n1")], vec![]);
@@ -671,29 +812,37 @@ mod tests {
     }
 
     #[test]
-    fn a_panic_in_reconcile_is_caught_counted_and_the_engine_recovers() {
+    fn a_panic_in_reconcile_is_caught_counted_and_the_change_still_enforced() {
         let (mut c, shared) = controller(Some("boom"));
         list_all(&mut c, vec![pod("a", "10.244.1.2", "n1")], vec![]);
         c.step(vec![msg(Kind::Nodes, WatchBody::Listed(vec![]), "10")]);
-        c.step_guarded(vec![msg(
-            Kind::Policies,
-            WatchBody::Applied(deny_all("boom")),
-            "30",
-        )]);
+        c.step_guarded(vec![
+            msg(
+                Kind::Pods,
+                WatchBody::Applied(pod("b", "10.244.1.3", "n1")),
+                "29",
+            ),
+            msg(Kind::Policies, WatchBody::Applied(deny_all("boom")), "30"),
+        ]);
         assert_eq!(shared.metrics.reconcile_panics.load(Ordering::Relaxed), 1);
-        // The same object again (as a relist would deliver it) is enforced normally.
+        // Nothing delivers these messages again: the retry after the panic must enforce them.
+        let engine = c.engine().unwrap();
+        assert_eq!(engine.cluster().policies.len(), 1);
+        assert_eq!(engine.cluster().pods.len(), 2);
+        assert_eq!(
+            engine.desired().sets["ingress-dispatch-v4"].elements.len(),
+            2,
+            "pods a and b are isolated by the policy"
+        );
+        assert_eq!(shared.applied.lock().unwrap()[&Kind::Policies], "30");
+        // The same object again (as a relist would deliver it) changes nothing.
         c.step_guarded(vec![msg(
             Kind::Policies,
             WatchBody::Applied(deny_all("boom")),
             "31",
         )]);
-        let engine = c.engine().unwrap();
-        assert_eq!(engine.cluster().policies.len(), 1);
-        assert_eq!(
-            engine.desired().sets["ingress-dispatch-v4"].elements.len(),
-            1,
-            "pod a is isolated by the policy"
-        );
+        assert_eq!(shared.metrics.reconcile_panics.load(Ordering::Relaxed), 1);
+        assert_eq!(c.engine().unwrap().cluster().policies.len(), 1);
     }
 
     #[test]

@@ -114,12 +114,26 @@ pub fn debug_state(shared: &Shared) -> String {
 }
 
 /// Serves one connection.
-pub async fn serve_conn<S>(mut stream: S, shared: Arc<Shared>, listener: Listener)
+pub async fn serve_conn<S>(stream: S, shared: Arc<Shared>, listener: Listener)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    serve_conn_with_prefix(stream, shared, listener, Vec::new()).await;
+}
+
+/// Serves one connection whose first bytes were already read (the unix socket peeks to tell
+/// HTTP from a CNI request).
+pub async fn serve_conn_with_prefix<S>(
+    mut stream: S,
+    shared: Arc<Shared>,
+    listener: Listener,
+    prefix: Vec<u8>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut buf = vec![0u8; 4096];
-    let mut len = 0;
+    let mut len = prefix.len().min(buf.len());
+    buf[..len].copy_from_slice(&prefix[..len]);
     let read = tokio::time::timeout(Duration::from_secs(5), async {
         while len < buf.len() {
             let n = stream.read(&mut buf[len..]).await?;
@@ -177,21 +191,6 @@ pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             }
             Err(e) => {
                 warn!(error = %e, "http accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// Accepts on the unix socket forever.
-pub async fn serve_unix(listener: tokio::net::UnixListener, shared: Arc<Shared>) {
-    loop {
-        match listener.accept().await {
-            Ok((s, _)) => {
-                tokio::spawn(serve_conn(s, shared.clone(), Listener::Unix));
-            }
-            Err(e) => {
-                warn!(error = %e, "unix accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod controller;
+pub mod dataplane;
 pub mod http;
 pub mod metrics;
 pub mod watch;
@@ -47,6 +48,12 @@ pub struct AgentConfig {
     pub dry_run: bool,
     /// Test-only fault: panic once while handling the policy of this name.
     pub inject_panic_policy: Option<String>,
+    /// State directory (IPAM, CNI release records).
+    pub state_dir: PathBuf,
+    /// Underlay address for the overlay (`None`: the Node's InternalIP).
+    pub underlay_ip: Option<std::net::IpAddr>,
+    /// Run without the dataplane (no overlay, no CNI): policy enforcement only.
+    pub no_dataplane: bool,
 }
 
 async fn client(cfg: &AgentConfig) -> anyhow::Result<Client> {
@@ -111,6 +118,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     });
 
     let (tx, rx) = mpsc::channel();
+    let (nodes_tx, nodes_rx) = tokio::sync::watch::channel(Vec::new());
     let controller = Controller::new(
         ControllerConfig {
             node: cfg.node.clone(),
@@ -121,7 +129,23 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         backend,
         shared.clone(),
         Some(ev_tx),
-    );
+    )
+    .with_nodes_channel(nodes_tx);
+    let gate = Arc::new(dataplane::AgentGate::new(shared.clone(), tx.clone()));
+    let slot: dataplane::ServiceSlot = Arc::default();
+    if !cfg.no_dataplane {
+        tokio::spawn(dataplane::run(
+            dataplane::DataplaneConfig {
+                node: cfg.node.clone(),
+                state_dir: cfg.state_dir.clone(),
+                underlay_ip: cfg.underlay_ip,
+                policy_timeout: Duration::from_secs(10),
+            },
+            nodes_rx,
+            gate.clone(),
+            slot.clone(),
+        ));
+    }
     let controller_thread = std::thread::Builder::new()
         .name("weft-controller".into())
         .spawn(move || controller.run(rx))
@@ -143,17 +167,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.metrics_addr))?;
     tokio::spawn(http::serve_tcp(tcp, shared.clone()));
-    if let Some(dir) = cfg.socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let _ = std::fs::remove_file(&cfg.socket);
-    let unix = tokio::net::UnixListener::bind(&cfg.socket)
+    // Root-only (0600) before it is visible; replaces a stale socket atomically.
+    let unix = weft_dataplane::proto::bind(&cfg.socket)
         .with_context(|| format!("binding {}", cfg.socket.display()))?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))?;
-    }
-    tokio::spawn(http::serve_unix(unix, shared.clone()));
+    tokio::spawn(dataplane::serve_socket(unix, shared.clone(), slot, gate));
     info!(metrics = %cfg.metrics_addr, socket = %cfg.socket.display(), "serving health, readiness and metrics");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -77,6 +77,21 @@ pub enum WatchBody {
     Deleted(Obj),
     /// A bookmark: nothing changed up to this resourceVersion.
     Progress,
+    /// Not from the API: CNI ADD attached this pod with these addresses (the API learns
+    /// them only after ADD returns, the kernel must have them before).
+    CniAttached {
+        /// The pod.
+        pod: weft_netpol::model::ObjectKey,
+        /// Its uid from CNI_ARGS (may be empty).
+        uid: String,
+        /// The allocated addresses.
+        ips: Vec<std::net::IpAddr>,
+    },
+    /// Not from the API: CNI DEL detached this pod.
+    CniReleased {
+        /// The pod.
+        pod: weft_netpol::model::ObjectKey,
+    },
 }
 
 /// A message from a watch to the controller.

@@ -166,10 +166,25 @@ probe() { # from-key ip port -> 0 if a TCP connection is established within 1 s
 }
 
 cmd_table() {
-  local keys=() k
+  local keys=() k tmp
   for spec in "${PODS[@]}"; do keys+=("${spec%% *}"); done
+  tmp=$(mktemp -d)
   for via in pod service; do
     for port in 8080 5432; do
+      # Every cell of one table is probed at once (a blocked probe waits out its 1 s timeout).
+      for ((i = 0; i < ${#keys[@]}; i++)); do
+        for ((j = 0; j < ${#keys[@]}; j++)); do
+          ((i == j)) && continue
+          local to=${keys[$j]} dst
+          if [[ $via == pod ]]; then
+            dst=$(awk '{print $1}' "$DIR/pods/${to%/*}_${to#*/}.ips")
+          else
+            dst=$(kc -n "${to%/*}" get svc "s-${to#*/}" -o jsonpath='{.spec.clusterIP}')
+          fi
+          ( if probe "${keys[$i]}" "$dst" "$port"; then echo .; else echo X; fi >"$tmp/$i-$j" ) &
+        done
+      done
+      wait
       printf '\nTCP %s via %s IP ('"'"'.'"'"' connects, X blocked; rows are clients, columns servers):\n' "$port" "$via"
       printf '%-14s' ""
       for ((j = 0; j < ${#keys[@]}; j++)); do printf ' %d' "$j"; done
@@ -177,19 +192,13 @@ cmd_table() {
       for ((i = 0; i < ${#keys[@]}; i++)); do
         printf '%-14s' "${keys[$i]}"
         for ((j = 0; j < ${#keys[@]}; j++)); do
-          if ((i == j)); then printf ' -'; continue; fi
-          local to=${keys[$j]} dst
-          if [[ $via == pod ]]; then
-            dst=$(awk '{print $1}' "$DIR/pods/${to%/*}_${to#*/}.ips")
-          else
-            dst=$(kc -n "${to%/*}" get svc "s-${to#*/}" -o jsonpath='{.spec.clusterIP}')
-          fi
-          if probe "${keys[$i]}" "$dst" "$port"; then printf ' .'; else printf ' X'; fi
+          if ((i == j)); then printf ' -'; else printf ' %s' "$(cat "$tmp/$i-$j")"; fi
         done
         printf '   %d\n' "$i"
       done
     done
   done
+  rm -rf "$tmp"
 }
 
 cmd_down() {

@@ -53,9 +53,9 @@ cmd_up() {
   local nodes=${1:-3}
   [[ -e "$DIR/cluster/state/env" ]] && die "a lab already runs in $DIR: '$0 down' first"
   mkdir -p "$DIR"
-  trap 'log "failed: tearing down"; cmd_down' ERR INT TERM
+  trap 'log "failed: tearing down"; cmd_down; exit 1' ERR INT TERM
   log "building weft and weft-cni"
-  (cd "$REPO" && cargo build -q --bin weft --bin weft-cni)
+  (cd "$REPO" && cargo build -q -p weft -p weft-cni)
   log "Kubernetes components (built once, cached)"
   bash "$K8S/install.sh" >&2
   log "control plane + $nodes node namespaces"

@@ -30,6 +30,40 @@ enum Command {
     Demo,
     /// Run the node agent: watch the API, enforce NetworkPolicy in this network namespace.
     Agent(AgentArgs),
+    /// The lab: a local multi-node cluster in network namespaces (`up`, `table`, `status`,
+    /// `down`); runs the repository's conformance/lab/lab.sh (root, Debian).
+    Lab {
+        /// up [NODES] | table | status | down
+        #[arg(default_value = "up", num_args = 0..)]
+        args: Vec<String>,
+    },
+    /// NetworkPolicy case files (conformance/CASES.md format).
+    Conformance {
+        #[command(subcommand)]
+        command: ConformanceCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConformanceCommand {
+    /// Replay a case file and report per case and per cell.
+    Run {
+        /// The case file.
+        #[arg(long)]
+        cases: PathBuf,
+        /// Also write the report as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Judge with the in-memory policy evaluator instead of a cluster.
+        #[arg(long)]
+        oracle: bool,
+        /// Replay in IPv6-only mode.
+        #[arg(long)]
+        ipv6: bool,
+        /// Print every check's tables, not only failed ones.
+        #[arg(long)]
+        verbose: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -81,6 +115,34 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Agent(args)) => run_agent(args),
+        Some(Command::Lab { args }) => run_lab(&args),
+        Some(Command::Conformance {
+            command:
+                ConformanceCommand::Run {
+                    cases,
+                    json,
+                    oracle,
+                    ipv6,
+                    verbose,
+                },
+        }) => {
+            let args = weft_conformance::command::RunArgs {
+                cases,
+                json,
+                oracle,
+                ipv6,
+                verbose,
+                parallelism: 8,
+            };
+            match weft_conformance::command::run_command(&args, &mut std::io::stdout()) {
+                Ok(summary) if summary.failed == 0 => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("weft conformance: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Some(Command::Demo) => match demo::run() {
             Ok(text) => {
                 print!("{text}");
@@ -91,6 +153,27 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// The lab lives in the source tree (it drives shell-level tools: ip, nft, kubectl).
+fn run_lab(args: &[String]) -> ExitCode {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/conformance/lab/lab.sh");
+    if !std::path::Path::new(script).exists() {
+        eprintln!("weft lab: {script} not found: run it from a weft source checkout");
+        return ExitCode::FAILURE;
+    }
+    match std::process::Command::new("bash")
+        .arg(script)
+        .args(args)
+        .status()
+    {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("weft lab: cannot run {script}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 # Debian 12: `sudo ./scripts/test-all.sh`. CI (.ci/run) runs exactly this.
 #
 #   1 static   cargo fmt --check, clippy -D warnings                       budget 15 min
-#   2 pure     engine, model, oracle, simulator, proptests, goldens         budget 15 min
-#   3 kernel   nftables netlink backend in throwaway network namespaces     budget 20 min
+#   2 pure     engine, model, oracle, simulator, proptests, goldens, cases  budget 15 min
+#   3 kernel   nftables backend, dataplane, CNI plugin in throwaway netns   budget 20 min
 #   4 cluster  real etcd + kube-apiserver + controller-manager in netns     budget 50 min (cold build)
 #   5 bench    engine benchmark at reduced size (WEFT_BENCH_SIZE=full for 10k pods)  budget 15 min
 #
@@ -51,14 +51,13 @@ static_tier() {
   cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings
 }
 pure_tier() {
-  cargo test -p weft-netpol -p weft
+  cargo test -p weft-netpol -p weft -p weft-conformance
 }
 kernel_tier() {
-  if [ -f netpol/nft/Cargo.toml ]; then
-    cargo test -p weft-nft -- --test-threads=2
-  else
-    echo "no kernel-tier crate yet"; return 1
-  fi
+  # nftables backend (apply/dump/adopt, traffic, anti-spoofing), then the dataplane (IPAM
+  # stress with kill -9, veth attach, VXLAN across three node namespaces) and the CNI plugin.
+  cargo test -p weft-nft -- --test-threads=2 \
+    && cargo test -p weft-dataplane -p weft-cni -- --test-threads=2
 }
 cluster_tier() {
   bash conformance/k8s/install.sh && bash conformance/k8s/smoke-test.sh \

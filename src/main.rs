@@ -4,6 +4,7 @@
 //! engine on a small example, no kernel or cluster needed), `version`.
 
 mod agent;
+mod cli;
 mod demo;
 
 use std::process::ExitCode;
@@ -36,6 +37,46 @@ enum Command {
         /// up [NODES] | table | status | down
         #[arg(default_value = "up", num_args = 0..)]
         args: Vec<String>,
+    },
+    /// This node's agent: watches, readiness, table size, objects with problems.
+    Status {
+        /// The agent's socket.
+        #[arg(long, default_value = "/run/weft/agent.sock")]
+        socket: PathBuf,
+        /// The raw JSON state.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Why is a connection allowed or denied? SRC and DST are namespace/name or IPs.
+    Explain {
+        /// Client: namespace/name or an IP.
+        src: String,
+        /// Server: namespace/name or an IP.
+        dst: String,
+        /// PORT or PORT/PROTO (tcp, udp, sctp).
+        #[arg(default_value = "80/tcp")]
+        port: String,
+        /// The agent's socket.
+        #[arg(long, default_value = "/run/weft/agent.sock")]
+        socket: PathBuf,
+    },
+    /// Compare the kernel's table with the desired one; exit 1 on drift.
+    Audit {
+        /// Apply the difference (a diff, never a rebuild).
+        #[arg(long)]
+        repair: bool,
+        /// The agent's socket.
+        #[arg(long, default_value = "/run/weft/agent.sock")]
+        socket: PathBuf,
+    },
+    /// Uninstall from this node: weft's nft tables, the tunnel and pod links, the state dir.
+    Cleanup {
+        /// Table name.
+        #[arg(long, default_value = "weft")]
+        table: String,
+        /// Also delete this state directory (IPAM allocations).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// NetworkPolicy case files (conformance/CASES.md format).
     Conformance {
@@ -116,6 +157,15 @@ fn main() -> ExitCode {
         }
         Some(Command::Agent(args)) => run_agent(args),
         Some(Command::Lab { args }) => run_lab(&args),
+        Some(Command::Status { socket, json }) => cli::status(&socket, json),
+        Some(Command::Explain {
+            src,
+            dst,
+            port,
+            socket,
+        }) => cli::explain(&socket, &src, &dst, &port),
+        Some(Command::Audit { repair, socket }) => cli::audit(&socket, repair),
+        Some(Command::Cleanup { table, state_dir }) => cli::cleanup(&table, state_dir.as_deref()),
         Some(Command::Conformance {
             command:
                 ConformanceCommand::Run {

@@ -73,6 +73,41 @@ impl Op {
     }
 }
 
+impl std::fmt::Display for Op {
+    /// The op in `nft` words (without the table), for logs, `weft audit` and people.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys = |ks: &mut dyn Iterator<Item = String>| ks.collect::<Vec<_>>().join(", ");
+        match self {
+            Op::DeleteTable => f.write_str("delete table"),
+            Op::AddTable { comment } => write!(f, "add table comment \"{comment}\""),
+            Op::AddSet(def) => write!(
+                f,
+                "add {} {}",
+                if def.verdict_map { "map" } else { "set" },
+                def.name
+            ),
+            Op::DeleteSet(name) => write!(f, "delete set {name}"),
+            Op::AddElements { set, elements } => write!(
+                f,
+                "add element {set} {{ {} }}",
+                keys(&mut elements.iter().map(|(k, v)| match v {
+                    Some(v) => format!("{k} : {v}"),
+                    None => k.to_string(),
+                }))
+            ),
+            Op::DeleteElements { set, keys: ks } => write!(
+                f,
+                "delete element {set} {{ {} }}",
+                keys(&mut ks.iter().map(ToString::to_string))
+            ),
+            Op::AddChain(def) => write!(f, "add chain {}", def.name),
+            Op::FlushChain(name) => write!(f, "flush chain {name}"),
+            Op::DeleteChain(name) => write!(f, "delete chain {name}"),
+            Op::AddRule { chain, rule } => write!(f, "add rule {chain} {rule}"),
+        }
+    }
+}
+
 /// The result of [`diff`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Diff {

@@ -58,6 +58,8 @@ pub struct Shared {
     pub node: String,
     /// Local pod addresses in the last committed table (CNI ADD waits for its pod's).
     pub local_ips: Mutex<BTreeSet<std::net::IpAddr>>,
+    /// Where operator queries go (the controller's channel).
+    pub queries: Mutex<Option<mpsc::Sender<WatchMsg>>>,
 }
 
 impl Shared {
@@ -76,6 +78,7 @@ impl Shared {
             table_size: Mutex::default(),
             node: node.to_string(),
             local_ips: Mutex::default(),
+            queries: Mutex::default(),
         }
     }
 
@@ -271,7 +274,7 @@ impl Controller {
             if let Some(rv) = &msg.resource_version {
                 self.seen.insert(msg.kind, rv.clone());
             }
-            if !matches!(msg.body, WatchBody::Progress) {
+            if !matches!(msg.body, WatchBody::Progress | WatchBody::Query { .. }) {
                 self.unapplied_since.get_or_insert(msg.received);
             }
             let node_msg = msg.kind == Kind::Nodes;
@@ -434,6 +437,9 @@ impl Controller {
     fn translate(&mut self, msg: WatchMsg, out: &mut Vec<Change>) {
         match msg.body {
             WatchBody::Progress => {}
+            WatchBody::Query { query, reply } => {
+                let _ = reply.send(self.answer(query));
+            }
             WatchBody::CniAttached { pod, uid, ips } => {
                 // The API will show these addresses only after ADD returns; enforce now.
                 self.cni_ips.insert(pod.clone(), (uid.clone(), ips.clone()));
@@ -599,6 +605,43 @@ impl Controller {
                         self.report_errors(&key, vec![e.to_string()]);
                     }
                 }
+            }
+        }
+    }
+
+    /// Answers an operator's question from the engine and the kernel.
+    fn answer(&mut self, query: super::query::Query) -> Result<super::query::Answer, String> {
+        use super::query::{self as q, Query};
+        let Phase::Running { engine } = &self.phase else {
+            return Err("the agent has not synced with the API yet".into());
+        };
+        match query {
+            Query::Explain {
+                src,
+                dst,
+                protocol,
+                port,
+            } => q::explain(
+                engine.cluster(),
+                &self.cfg.node,
+                engine.desired(),
+                &src,
+                &dst,
+                protocol,
+                port,
+            ),
+            Query::Audit { repair } => {
+                let kernel = self.backend.dump()?;
+                let ops = q::audit_ops(kernel.as_ref(), engine.desired());
+                if repair && !ops.is_empty() {
+                    self.backend.apply(&ops)?;
+                    self.shared
+                        .metrics
+                        .drift_repairs
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(ops = ops.len(), "drift repaired on request");
+                }
+                Ok(q::audit_text(&ops, repair))
             }
         }
     }

@@ -73,6 +73,84 @@ pub fn respond(shared: &Shared, listener: Listener, path: &str) -> (u16, &'stati
     }
 }
 
+/// The value of one query-string parameter (`%2F` and `+` decoded).
+fn param(path: &str, name: &str) -> Option<String> {
+    let query = path.split_once('?')?.1;
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| v.replace("%2F", "/").replace("%2f", "/").replace('+', " "))
+    })
+}
+
+/// `/explain?src=&dst=&port=&proto=` and `/audit?repair=1`: 200 with the answer, 409 when the
+/// answer reports a problem (drift, a mismatch), 400 for a bad question, 503 when the agent
+/// cannot answer yet.
+pub fn respond_query(shared: &Shared, path: &str) -> (u16, &'static str, String) {
+    use super::query::Query;
+    let query = if path.starts_with("/audit") {
+        Query::Audit {
+            repair: param(path, "repair").is_some_and(|v| v == "1" || v == "true"),
+        }
+    } else {
+        let (Some(src), Some(dst)) = (param(path, "src"), param(path, "dst")) else {
+            return (400, "text/plain", "explain needs src and dst\n".into());
+        };
+        let protocol = match param(path, "proto").as_deref().unwrap_or("tcp") {
+            "tcp" | "TCP" => weft_netpol::ruleset::Protocol::Tcp,
+            "udp" | "UDP" => weft_netpol::ruleset::Protocol::Udp,
+            "sctp" | "SCTP" => weft_netpol::ruleset::Protocol::Sctp,
+            other => return (400, "text/plain", format!("unknown protocol {other:?}\n")),
+        };
+        let Some(port) = param(path, "port")
+            .unwrap_or_else(|| "80".into())
+            .parse()
+            .ok()
+        else {
+            return (400, "text/plain", "port must be a number\n".into());
+        };
+        Query::Explain {
+            src,
+            dst,
+            protocol,
+            port,
+        }
+    };
+    let Some(tx) = shared
+        .queries
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+    else {
+        return (503, "text/plain", "the controller is not running\n".into());
+    };
+    let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+    let msg = super::watch::WatchMsg {
+        kind: super::watch::Kind::Policies,
+        body: super::watch::WatchBody::Query {
+            query,
+            reply: reply_tx,
+        },
+        resource_version: None,
+        received: std::time::Instant::now(),
+    };
+    if tx.send(msg).is_err() {
+        return (503, "text/plain", "the controller is not running\n".into());
+    }
+    match reply_rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Ok(answer)) => (
+            if answer.problem { 409 } else { 200 },
+            "text/plain",
+            answer.text,
+        ),
+        Ok(Err(e)) => (503, "text/plain", format!("{e}\n")),
+        Err(_) => (
+            503,
+            "text/plain",
+            "the controller did not answer in 20 s\n".into(),
+        ),
+    }
+}
+
 /// JSON for the harness: per kind, the last resourceVersion whose effects are in the kernel.
 pub fn debug_state(shared: &Shared) -> String {
     let applied = shared.applied.lock().unwrap_or_else(|e| e.into_inner());
@@ -155,8 +233,18 @@ pub async fn serve_conn_with_prefix<S>(
     let text = String::from_utf8_lossy(&buf[..len]);
     let mut parts = text.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) = if method == "GET" {
-        respond(&shared, listener, path.split('?').next().unwrap_or(""))
+    let route = path.split('?').next().unwrap_or("");
+    let (status, ctype, body) = if method == "GET"
+        && listener == Listener::Unix
+        && matches!(route, "/explain" | "/audit")
+    {
+        // Answered on the controller thread: wait for it off the async workers.
+        let (shared, path) = (shared.clone(), path.to_string());
+        tokio::task::spawn_blocking(move || respond_query(&shared, &path))
+            .await
+            .unwrap_or((500, "text/plain", "query panicked\n".into()))
+    } else if method == "GET" {
+        respond(&shared, listener, route)
     } else {
         (405, "text/plain", "only GET\n".to_string())
     };
@@ -164,6 +252,8 @@ pub async fn serve_conn_with_prefix<S>(
         200 => "OK",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        400 => "Bad Request",
+        409 => "Conflict",
         503 => "Service Unavailable",
         _ => "Internal Server Error",
     };

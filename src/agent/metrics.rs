@@ -89,6 +89,8 @@ pub struct Metrics {
     pub policy_realization: Histogram,
     /// 1 when ready.
     pub ready: AtomicU64,
+    /// Drift between the kernel and the desired table repaired by a diff.
+    pub drift_repairs: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -105,6 +107,7 @@ impl Default for Metrics {
             nft_ops: AtomicU64::new(0),
             policy_realization: Histogram::new(DURATION_BUCKETS),
             ready: AtomicU64::new(0),
+            drift_repairs: AtomicU64::new(0),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod controller;
 pub mod dataplane;
 pub mod http;
 pub mod metrics;
+pub mod query;
 pub mod watch;
 
 use std::path::PathBuf;
@@ -131,6 +132,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(ev_tx),
     )
     .with_nodes_channel(nodes_tx);
+    *shared.queries.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
     let gate = Arc::new(dataplane::AgentGate::new(shared.clone(), tx.clone()));
     let slot: dataplane::ServiceSlot = Arc::default();
     if !cfg.no_dataplane {

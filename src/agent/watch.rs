@@ -92,6 +92,13 @@ pub enum WatchBody {
         /// The pod.
         pod: weft_netpol::model::ObjectKey,
     },
+    /// Not from the API: an operator's question, answered on the controller thread.
+    Query {
+        /// The question.
+        query: super::query::Query,
+        /// Where the answer goes.
+        reply: std::sync::mpsc::Sender<Result<super::query::Answer, String>>,
+    },
 }
 
 /// A message from a watch to the controller.

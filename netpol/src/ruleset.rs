@@ -513,6 +513,9 @@ pub enum Action {
         /// The map's name.
         map: String,
     },
+    /// `masquerade`: source NAT to the address of the outgoing interface (only in a `nat`
+    /// chain on the `postrouting` hook; the table `inet weft-nat`, never the policy table).
+    Masquerade,
 }
 
 impl fmt::Display for Action {
@@ -522,6 +525,7 @@ impl fmt::Display for Action {
             Action::Vmap { family, field, map } => {
                 write!(f, "{} {} vmap @{map}", family.keyword(), field.keyword())
             }
+            Action::Masquerade => f.write_str("masquerade"),
         }
     }
 }
@@ -544,7 +548,7 @@ impl Rule {
     pub fn jump_target(&self) -> Option<&str> {
         match &self.action {
             Action::Verdict(v) => v.target(),
-            Action::Vmap { .. } => None,
+            Action::Vmap { .. } | Action::Masquerade => None,
         }
     }
 
@@ -556,7 +560,7 @@ impl Rule {
         });
         let from_action = match &self.action {
             Action::Vmap { map, .. } => Some(map.as_str()),
-            Action::Verdict(_) => None,
+            Action::Verdict(_) | Action::Masquerade => None,
         };
         from_matches.chain(from_action)
     }
@@ -842,6 +846,38 @@ mod tests {
     fn schema_round_trips_through_the_table_comment() {
         assert_eq!(schema_from_comment(&table_comment(7)), Some(7));
         assert_eq!(schema_from_comment("something else"), None);
+    }
+
+    #[test]
+    fn masquerade_prints_as_nft_writes_it() {
+        let r = Rule {
+            matches: vec![
+                Match::AddrInSet {
+                    family: Family::V4,
+                    field: AddrField::Saddr,
+                    set: "cluster-v4".into(),
+                    negate: false,
+                },
+                Match::AddrInSet {
+                    family: Family::V4,
+                    field: AddrField::Daddr,
+                    set: "cluster-v4".into(),
+                    negate: true,
+                },
+            ],
+            counter: true,
+            action: Action::Masquerade,
+            comment: Some("pods to the outside".into()),
+        };
+        assert_eq!(
+            r.to_string(),
+            "ip saddr @cluster-v4 ip daddr != @cluster-v4 counter masquerade comment \"pods to the outside\""
+        );
+        assert_eq!(r.jump_target(), None);
+        assert_eq!(
+            r.set_refs().collect::<Vec<_>>(),
+            ["cluster-v4", "cluster-v4"]
+        );
     }
 
     #[test]

@@ -624,6 +624,9 @@ impl<'a> Walk<'a> {
                 return Outcome::Continue;
             }
             Action::Vmap { map, field, .. } => (map, *field),
+            // Address translation decides nothing about filtering (nat base chains are passed
+            // over anyway): no verdict, next rule.
+            Action::Masquerade => return Outcome::Continue,
         };
         let key = addr_value(self.addr(field));
         let element = match self.lookup(map, &[key], true) {

@@ -5,7 +5,7 @@
 //! expected sequences are pinned in the tests below): the `meta nfproto` / `meta l4proto` guards
 //! nft adds itself, payload offsets and lengths, nft's register allocation for concatenations,
 //! `cmp gte`+`cmp lte` for port ranges, `lookup` with `NFT_LOOKUP_F_INV` for `!=` and with
-//! `dreg 0` for a verdict map.
+//! `dreg 0` for a verdict map, a bare `masq` for `masquerade` (table `inet weft-nat`).
 //!
 //! [`raise`] is its inverse on what the kernel dumps back: it recognises the sequences [`lower`]
 //! emits and nothing else. It parses loosely, then lowers its own result and requires the very
@@ -156,6 +156,8 @@ pub enum RawExpr {
         /// Target chain of a jump or goto.
         chain: Option<String>,
     },
+    /// `masq`: plain `masquerade` (no flags, no port range).
+    Masquerade,
     /// Anything else, with libnftnl's rendering of it (never emitted by weft).
     Other {
         /// Expression name.
@@ -233,6 +235,7 @@ impl fmt::Display for RawExpr {
                 f.write_str(" ]")
             }
             RawExpr::Counter => f.write_str("[ counter ]"),
+            RawExpr::Masquerade => f.write_str("[ masq ]"),
             RawExpr::Verdict { code, chain } => match chain {
                 Some(c) => write!(f, "[ immediate reg 0 verdict {code} -> {c} ]"),
                 None => write!(f, "[ immediate reg 0 verdict {code} ]"),
@@ -542,6 +545,7 @@ pub fn lower(rule: &Rule) -> Result<Vec<RawExpr>, LowerError> {
                 flags: 0,
             });
         }
+        Action::Masquerade => out.push(RawExpr::Masquerade),
     }
     Ok(out)
 }
@@ -701,6 +705,7 @@ pub fn raise(exprs: &[RawExpr], udata_bytes: Option<&[u8]>) -> Option<Rule> {
         [RawExpr::Verdict { code, chain }] => {
             Action::Verdict(raise_verdict(*code, chain.as_deref())?)
         }
+        [RawExpr::Masquerade] => Action::Masquerade,
         [_, _, payload, RawExpr::Lookup { set, .. }] | [payload, RawExpr::Lookup { set, .. }] => {
             let (family, field) = raise_addr(payload)?;
             Action::Vmap {
@@ -880,6 +885,67 @@ mod tests {
                  [ payload load 16b @ network header + 24 => reg 1 ] \
                  [ lookup reg 1 set m6 dreg 0 ]",
             ),
+            (
+                // `ip saddr @cluster-v4 ip daddr != @cluster-v4 masquerade` (table weft-nat)
+                rule(
+                    vec![
+                        Match::AddrInSet {
+                            family: Family::V4,
+                            field: AddrField::Saddr,
+                            set: "cluster-v4".into(),
+                            negate: false,
+                        },
+                        Match::AddrInSet {
+                            family: Family::V4,
+                            field: AddrField::Daddr,
+                            set: "cluster-v4".into(),
+                            negate: true,
+                        },
+                    ],
+                    Action::Masquerade,
+                ),
+                // [ meta load nfproto => reg 1 ] [ cmp eq reg 1 0x00000002 ]
+                // [ payload load 4b @ network header + 12 => reg 1 ] [ lookup reg 1 set cluster-v4 ]
+                // [ payload load 4b @ network header + 16 => reg 1 ] [ lookup reg 1 set cluster-v4 0x1 ]
+                // [ masq ]
+                "[ meta load 15 => reg 1 ] [ cmp op0 reg 1 0x00000002 ] \
+                 [ payload load 4b @ network header + 12 => reg 1 ] \
+                 [ lookup reg 1 set cluster-v4 ] \
+                 [ payload load 4b @ network header + 16 => reg 1 ] \
+                 [ lookup reg 1 set cluster-v4 0x1 ] [ masq ]",
+            ),
+            (
+                // `ip6 saddr @cluster-v6 ip6 daddr != @cluster-v6 counter masquerade`
+                Rule {
+                    counter: true,
+                    ..rule(
+                        vec![
+                            Match::AddrInSet {
+                                family: Family::V6,
+                                field: AddrField::Saddr,
+                                set: "cluster-v6".into(),
+                                negate: false,
+                            },
+                            Match::AddrInSet {
+                                family: Family::V6,
+                                field: AddrField::Daddr,
+                                set: "cluster-v6".into(),
+                                negate: true,
+                            },
+                        ],
+                        Action::Masquerade,
+                    )
+                },
+                // [ meta load nfproto => reg 1 ] [ cmp eq reg 1 0x0000000a ]
+                // [ payload load 16b @ network header + 8 => reg 1 ] [ lookup reg 1 set cluster-v6 ]
+                // [ payload load 16b @ network header + 24 => reg 1 ] [ lookup reg 1 set cluster-v6 0x1 ]
+                // [ counter pkts 0 bytes 0 ] [ masq ]
+                "[ meta load 15 => reg 1 ] [ cmp op0 reg 1 0x0000000a ] \
+                 [ payload load 16b @ network header + 8 => reg 1 ] \
+                 [ lookup reg 1 set cluster-v6 ] \
+                 [ payload load 16b @ network header + 24 => reg 1 ] \
+                 [ lookup reg 1 set cluster-v6 0x1 ] [ counter ] [ masq ]",
+            ),
         ];
         for (rule, want) in cases {
             let got: Vec<String> = lower(&rule)
@@ -924,6 +990,29 @@ mod tests {
                 }],
                 Action::Verdict(Verdict::Drop),
             ));
+            // Masquerade, bare and after the cluster-CIDR matches, with counter and comment.
+            rules.push(rule(vec![], Action::Masquerade));
+            rules.push(Rule {
+                counter: true,
+                comment: Some("pods to the outside".into()),
+                ..rule(
+                    vec![
+                        Match::AddrInSet {
+                            family,
+                            field: AddrField::Saddr,
+                            set: "cluster".into(),
+                            negate: false,
+                        },
+                        Match::AddrInSet {
+                            family,
+                            field: AddrField::Daddr,
+                            set: "cluster".into(),
+                            negate: true,
+                        },
+                    ],
+                    Action::Masquerade,
+                )
+            });
             // Matches and a vmap of one family share one guard.
             rules.push(rule(
                 vec![
@@ -1033,6 +1122,20 @@ mod tests {
         // Unknown userdata TLVs are not ours either.
         assert_eq!(raise(&good, Some(b"\x01\x02ab")), None);
         assert_eq!(raise(&good, None), Some(r));
+    }
+
+    #[test]
+    fn only_a_bare_final_masq_is_our_masquerade() {
+        let masq = rule(vec![], Action::Masquerade);
+        assert_eq!(raise(&[RawExpr::Masquerade], None), Some(masq));
+        // Something after it, or a masq with flags (read back as a foreign expression).
+        let after = [RawExpr::Masquerade, lower_verdict(&Verdict::Accept)];
+        let flagged = [RawExpr::Other {
+            name: "masq".into(),
+            text: "masq flags 0x4".into(),
+        }];
+        assert_eq!(raise(&after, None), None);
+        assert_eq!(raise(&flagged, None), None);
     }
 
     #[test]

@@ -474,6 +474,7 @@ unsafe fn build_expr(e: &RawExpr) -> io::Result<NonNull<sys::nftnl_expr>> {
         RawExpr::Lookup { .. } => c"lookup",
         RawExpr::Counter => c"counter",
         RawExpr::Verdict { .. } => c"immediate",
+        RawExpr::Masquerade => c"masq",
         RawExpr::Other { name, .. } => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -558,7 +559,7 @@ unsafe fn build_expr(e: &RawExpr) -> io::Result<NonNull<sys::nftnl_expr>> {
                     u32_(sys::NFTNL_EXPR_LOOKUP_FLAGS, *flags);
                 }
             }
-            RawExpr::Counter => {}
+            RawExpr::Counter | RawExpr::Masquerade => {}
             RawExpr::Verdict { code, .. } => {
                 u32_(sys::NFTNL_EXPR_IMM_DREG, crate::expr::REG_VERDICT);
                 u32_(sys::NFTNL_EXPR_IMM_VERDICT, *code as u32);
@@ -979,6 +980,8 @@ unsafe fn parse_expr(e: *const sys::nftnl_expr) -> RawExpr {
             "counter" if only(&[sys::NFTNL_EXPR_CTR_PACKETS, sys::NFTNL_EXPR_CTR_BYTES]) => {
                 RawExpr::Counter
             }
+            // Plain `masquerade`: no flags (random, persistent), no port range registers.
+            "masq" if only(&[]) => RawExpr::Masquerade,
             "immediate"
                 if only(&[
                     sys::NFTNL_EXPR_IMM_DREG,

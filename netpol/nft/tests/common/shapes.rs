@@ -338,17 +338,37 @@ pub fn every_shape() -> Ruleset {
             ),
         ],
     );
+    // The masquerade rules of table `inet weft-nat`: pods to outside the cluster CIDRs.
+    let masquerade = |family, set: &str| {
+        rule(
+            vec![
+                in_set(family, AddrField::Saddr, set, false),
+                in_set(family, AddrField::Daddr, set, true),
+            ],
+            Action::Masquerade,
+        )
+    };
     chain(
         &mut rs,
         "postrouting",
         base(Hook::Postrouting, ChainType::Nat, 100),
-        vec![rule(
-            vec![Match::IfacePrefix {
-                field: IfaceField::Output,
-                prefix: "weft".into(),
-            }],
-            accept(),
-        )],
+        vec![
+            rule(
+                vec![Match::IfacePrefix {
+                    field: IfaceField::Output,
+                    prefix: "weft".into(),
+                }],
+                accept(),
+            ),
+            masquerade(Family::V4, "cidr-v4"),
+            masquerade(Family::V6, "cidr-v6"),
+            Rule {
+                counter: true,
+                comment: Some("pods to the outside".into()),
+                ..masquerade(Family::V4, "world-v4")
+            },
+            rule(vec![], Action::Masquerade),
+        ],
     );
     chain(
         &mut rs,

@@ -241,6 +241,12 @@ impl Metrics {
                 "gauge",
                 load(&self.ready),
             ),
+            (
+                "weft_ruleset_drift_repairs_total",
+                "Drift of the kernel's table repaired by a diff.",
+                "counter",
+                load(&self.drift_repairs),
+            ),
         ] {
             let _ = writeln!(
                 out,
@@ -269,5 +275,6 @@ mod tests {
         assert!(text.contains("weft_reconcile_duration_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("weft_reconcile_duration_seconds_count 1"));
         assert_eq!(m.restarts_of("pods"), 2);
+        assert!(text.contains("weft_ruleset_drift_repairs_total 0"));
     }
 }

@@ -388,43 +388,25 @@ pub fn spawn_watch(
     metrics: Arc<Metrics>,
     cfg: WatchConfig,
 ) -> tokio::task::JoinHandle<()> {
+    // One typed watch loop per kind; the arms differ only in the API type and its wrapper.
+    macro_rules! watch {
+        ($ty:ty, $variant:ident) => {
+            tokio::spawn(watch_loop(
+                Api::<$ty>::all(client),
+                kind,
+                |o| Obj::$variant(Box::new(o)),
+                tx,
+                health,
+                metrics,
+                cfg,
+            ))
+        };
+    }
     match kind {
-        Kind::Pods => tokio::spawn(watch_loop(
-            Api::<core::Pod>::all(client),
-            kind,
-            |o| Obj::Pod(Box::new(o)),
-            tx,
-            health,
-            metrics,
-            cfg,
-        )),
-        Kind::Namespaces => tokio::spawn(watch_loop(
-            Api::<core::Namespace>::all(client),
-            kind,
-            |o| Obj::Namespace(Box::new(o)),
-            tx,
-            health,
-            metrics,
-            cfg,
-        )),
-        Kind::Policies => tokio::spawn(watch_loop(
-            Api::<net::NetworkPolicy>::all(client),
-            kind,
-            |o| Obj::Policy(Box::new(o)),
-            tx,
-            health,
-            metrics,
-            cfg,
-        )),
-        Kind::Nodes => tokio::spawn(watch_loop(
-            Api::<core::Node>::all(client),
-            kind,
-            |o| Obj::Node(Box::new(o)),
-            tx,
-            health,
-            metrics,
-            cfg,
-        )),
+        Kind::Pods => watch!(core::Pod, Pod),
+        Kind::Namespaces => watch!(core::Namespace, Namespace),
+        Kind::Policies => watch!(net::NetworkPolicy, Policy),
+        Kind::Nodes => watch!(core::Node, Node),
     }
 }
 

@@ -139,6 +139,23 @@ struct AgentArgs {
     /// Policy enforcement only: no overlay, no CNI service.
     #[arg(long)]
     no_dataplane: bool,
+    /// Cluster CIDRs, comma-separated: pod and Service ranges. Pods' traffic to anything
+    /// outside them is masqueraded (table inet weft-nat); inside, sources are kept.
+    #[arg(long, default_value = agent::nat::DEFAULT_CLUSTER_CIDRS)]
+    cluster_cidrs: String,
+    /// No masquerade (and remove a weft-nat table an earlier run left).
+    #[arg(long)]
+    no_masquerade: bool,
+    /// Where the CNI conflist (10-weft.conflist) is written once the agent is ready.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Where the runtime finds CNI plugins (weft-cni must be there before the conflist is).
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// API-based IPAM cleanup frees an allocation whose pod UID the API no longer has only
+    /// once it is at least this many seconds old.
+    #[arg(long, default_value_t = 300)]
+    cleanup_min_age: u64,
     /// Test-only fault injection: `panic-policy=NAME` or `panic-watch=KIND`.
     #[arg(long, env = "WEFT_FAULT_INJECT", hide = true)]
     inject: Option<String>,
@@ -255,6 +272,17 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         }
         tracing::warn!(fault = %spec, "TEST-ONLY fault injection is on");
     }
+    let masquerade = if args.no_masquerade {
+        None
+    } else {
+        match agent::nat::parse_cidrs(&args.cluster_cidrs) {
+            Ok(cidrs) => Some(cidrs),
+            Err(e) => {
+                eprintln!("weft agent: --cluster-cidrs: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
     let cfg = agent::AgentConfig {
         node: args.node,
         kubeconfig: args.kubeconfig,
@@ -267,6 +295,10 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         state_dir: args.state_dir,
         underlay_ip: args.underlay_ip,
         no_dataplane: args.no_dataplane || args.dry_run,
+        masquerade,
+        cni_conf_dir: Some(args.cni_conf_dir),
+        cni_bin_dir: args.cni_bin_dir,
+        cleanup_min_age: Duration::from_secs(args.cleanup_min_age),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -42,5 +42,38 @@ drift_repaired() {
   "$W" audit --socket "$S" >/dev/null
 }
 check drift_repaired
+# Masquerade (table inet weft-nat): a pod reaching outside the cluster CIDRs (198.18.0.1, the
+# lab's host namespace on the underlay, which has no route to the pods) arrives as its node;
+# pod -> pod (node 2's ui -> node 1's api on 8085, allowed by api-from-ui) keeps the pod source.
+# Each listener answers with the peer address it saw.
+peer_seen() { # client-netns server-netns addr port -> prints the peer address the server saw
+  local pid got
+  ip netns exec "$2" timeout 10 socat "TCP-LISTEN:$4,reuseaddr" SYSTEM:'echo $SOCAT_PEERADDR' >/dev/null 2>&1 &
+  pid=$!
+  for _ in $(seq 1 20); do
+    got=$(ip netns exec "$1" socat -T2 - "TCP:$3:$4,connect-timeout=2" </dev/null 2>/dev/null) && break
+    sleep 0.2
+  done
+  kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  echo "$got"
+}
+outside_is_masqueraded() {
+  local seen; seen=$(peer_seen weft-lab-pod-shop-api weft-lab-host 198.18.0.1 19999)
+  [[ $seen == 198.18.0.11 ]] || { echo "  host saw $seen, want node1's 198.18.0.11"; return 1; }
+  ip netns exec weft-lab-node1 nft list table inet weft-nat | grep -q 'ip saddr @cluster-v4 ip daddr != @cluster-v4 counter packets [1-9]'
+}
+check outside_is_masqueraded
+pod_to_pod_keeps_its_source() {
+  local ui seen; ui=$(awk '{print $1}' "$WEFT_LAB_DIR/pods/clients_ui.ips")
+  seen=$(peer_seen weft-lab-pod-clients-ui weft-lab-pod-shop-api "$(awk '{print $1}' "$WEFT_LAB_DIR/pods/shop_api.ips")" 8085)
+  [[ $seen == "$ui" ]] || { echo "  api saw $seen, want ui's $ui"; return 1; }
+}
+check pod_to_pod_keeps_its_source
+# The conflist was written once the agent was ready, naming the socket and state dir it uses.
+conflist_names_the_agent() {
+  jq -e --arg s "$WEFT_LAB_DIR/run/node1/agent.sock" '.plugins[0].agentSocket == $s and .plugins[1].type == "portmap"' \
+    "$WEFT_LAB_DIR/run/node1/net.d/10-weft.conflist" >/dev/null
+}
+check conflist_names_the_agent
 echo "lab-test: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -11,7 +11,9 @@
 # namespace attached by the real `weft-cni` binary. The lab plays the kubelet: it creates pods in
 # the API, attaches them, writes their status and runs their servers.
 #
-# Env: WEFT_LAB_DIR (default /tmp/weft-lab), CARGO_TARGET_DIR (where weft is built).
+# Env: WEFT_LAB_DIR (default /tmp/weft-lab), CARGO_TARGET_DIR (where weft is built),
+#      WEFT_LAB_DEMO=0 (up without the demo: an empty cluster, e.g. for conformance/lab/bench.sh),
+#      WEFT_AGENT_ARGS (extra `weft agent` flags for every node).
 set -Eeuo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -80,7 +82,9 @@ EOF
     start_bg "agent-node$i" "$ns" "$WEFT" agent --node "$n" \
       --kubeconfig "$DIR/cluster/kubeconfig/node$i.kubeconfig" \
       --metrics-addr "$ip:6784" --socket "$DIR/run/node$i/agent.sock" \
-      --state-dir "$DIR/run/node$i" --underlay-ip "$ip"
+      --state-dir "$DIR/run/node$i" --underlay-ip "$ip" \
+      --cluster-cidrs 10.244.0.0/16,fd00:10:244::/48,10.96.0.0/16,fd00:10:96::/112 \
+      --cni-conf-dir "$DIR/run/node$i/net.d" --cni-bin-dir "$TARGET/debug" ${WEFT_AGENT_ARGS:-}
     start_bg "kube-proxy-node$i" "$ns" "$bin/kube-proxy" \
       --kubeconfig "$DIR/cluster/kubeconfig/kube-proxy.kubeconfig" \
       --proxy-mode nftables --hostname-override "$n" \
@@ -90,10 +94,13 @@ EOF
   done
   for ((i = 1; i <= nodes; i++)); do
     wait_for "weft agent on node$i to be ready" 90 ip netns exec "$(node_ns "$i")" curl -sf "http://$(node_ip "$i"):6784/readyz"
+    # The agent writes the node's conflist once it is ready (adopted, CNI served).
+    wait_for "the conflist of node$i" 30 test -s "$DIR/run/node$i/net.d/10-weft.conflist"
   done
   echo "$nodes" >"$DIR/nodes"
   log "cluster up: $nodes nodes, agents ready"
   trap - ERR INT TERM
+  [[ "${WEFT_LAB_DEMO:-1}" == 0 ]] && return 0
   bash "$HERE/demo.sh" up "$DIR"
   cmd_table
   cat <<EOF

@@ -60,7 +60,13 @@ pub struct Shared {
     pub local_ips: Mutex<BTreeSet<std::net::IpAddr>>,
     /// Where operator queries go (the controller's channel).
     pub queries: Mutex<Option<mpsc::Sender<WatchMsg>>>,
+    /// UIDs of every pod the API has (any node), from a synced store; `None` until the first
+    /// sync. At most [`UID_PUBLISH_INTERVAL`] old: API-based IPAM cleanup reads it.
+    pub live_pod_uids: Mutex<Option<Arc<std::collections::HashSet<String>>>>,
 }
+
+/// How often, at most, the controller republishes [`Shared::live_pod_uids`] after pod changes.
+pub const UID_PUBLISH_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Shared {
     /// A fresh shared state for `node`.
@@ -79,6 +85,7 @@ impl Shared {
             node: node.to_string(),
             local_ips: Mutex::default(),
             queries: Mutex::default(),
+            live_pod_uids: Mutex::default(),
         }
     }
 
@@ -143,6 +150,9 @@ pub struct Controller {
     cni_ips: BTreeMap<ObjectKey, (String, Vec<std::net::IpAddr>)>,
     /// Where the dataplane learns the nodes.
     nodes_tx: Option<tokio::sync::watch::Sender<Vec<super::dataplane::NodeInfo>>>,
+    /// Pods changed since [`Shared::live_pod_uids`] was last published, and when that was.
+    uids_dirty: bool,
+    uids_published: Option<Instant>,
 }
 
 impl Controller {
@@ -170,6 +180,8 @@ impl Controller {
             last_reconcile: None,
             cni_ips: BTreeMap::new(),
             nodes_tx: None,
+            uids_dirty: true,
+            uids_published: None,
         }
     }
 
@@ -281,6 +293,9 @@ impl Controller {
             self.translate(msg, &mut changes);
             nodes_changed |= node_msg;
         }
+        self.uids_dirty |= changes
+            .iter()
+            .any(|c| matches!(c, Change::UpsertPod(_) | Change::DeletePod(_)));
         if nodes_changed && let Some(tx) = &self.nodes_tx {
             let infos: Vec<super::dataplane::NodeInfo> = self
                 .nodes
@@ -389,6 +404,26 @@ impl Controller {
                 .local_ips
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = super::dataplane::local_ips(engine.desired());
+            if self.uids_dirty
+                && self
+                    .uids_published
+                    .is_none_or(|t| t.elapsed() >= UID_PUBLISH_INTERVAL)
+            {
+                let uids = engine
+                    .cluster()
+                    .pods
+                    .values()
+                    .filter(|p| !p.uid.is_empty())
+                    .map(|p| p.uid.clone())
+                    .collect();
+                *self
+                    .shared
+                    .live_pod_uids
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(uids));
+                self.uids_dirty = false;
+                self.uids_published = Some(Instant::now());
+            }
             let rs = engine.desired();
             *self
                 .shared
@@ -819,6 +854,49 @@ mod tests {
             received: Instant::now(),
         }]);
         assert!(shared.local_ips.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn live_pod_uids_are_published_only_from_a_synced_store() {
+        let (mut c, shared) = controller(None);
+        let with_uid = |name: &str, ip: &str, node: &str, uid: &str| {
+            let mut p = pod(name, ip, node);
+            if let Obj::Pod(p) = &mut p {
+                p.metadata.uid = Some(uid.into());
+            }
+            p
+        };
+        list_all(
+            &mut c,
+            vec![
+                with_uid("a", "10.244.1.2", "n1", "ua"),
+                with_uid("b", "10.244.2.2", "n2", "ub"),
+            ],
+            vec![],
+        );
+        assert!(shared.live_pod_uids.lock().unwrap().is_none(), "not synced");
+        c.step(vec![msg(Kind::Nodes, WatchBody::Listed(vec![]), "10")]);
+        let uids = shared.live_pod_uids.lock().unwrap().clone().unwrap();
+        assert_eq!(uids.len(), 2, "every node's pods");
+        // A deletion is published once the interval has passed (cheap under pod churn).
+        c.step(vec![msg(
+            Kind::Pods,
+            WatchBody::Deleted(with_uid("b", "10.244.2.2", "n2", "ub")),
+            "11",
+        )]);
+        assert!(
+            shared
+                .live_pod_uids
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .contains("ub")
+        );
+        c.uids_published = Some(Instant::now() - UID_PUBLISH_INTERVAL);
+        c.step(vec![]);
+        let uids = shared.live_pod_uids.lock().unwrap().clone().unwrap();
+        assert_eq!(uids.iter().collect::<Vec<_>>(), ["ua"]);
     }
 
     #[test]

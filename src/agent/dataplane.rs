@@ -9,10 +9,15 @@
 //! CNI ADD returns only once the pod's addresses are in the kernel: [`AgentGate`] hands the
 //! allocated addresses to the controller (which merges them into the pod's model: the API does
 //! not know a pod's IP before ADD returns) and waits until a committed transaction holds them.
+//!
+//! [`housekeeping`] runs beside it: the masquerade table `inet weft-nat` ([`super::nat`],
+//! re-synced every minute), the conflist written once the agent is ready (first adoption done,
+//! CNI service up, `weft-cni` installed), and the API-based cleanup of allocations whose pod
+//! was deleted long ago.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -79,6 +84,60 @@ pub struct DataplaneConfig {
     pub underlay_ip: Option<IpAddr>,
     /// How long ADD waits for the pod's policy state.
     pub policy_timeout: Duration,
+    /// Cluster CIDRs (pods, Services) never masqueraded; `None`: no masquerade at all
+    /// (`--no-masquerade`: a `weft-nat` table left by an earlier run is removed).
+    pub masquerade: Option<Vec<IpNet>>,
+    /// Where the conflist is written once the agent is ready (`None`: never).
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Where the runtime finds CNI plugins: `weft-cni` must be there before the conflist is.
+    pub cni_bin_dir: PathBuf,
+    /// The agent socket the conflist names.
+    pub socket: PathBuf,
+    /// How often the API-based cleanup runs.
+    pub cleanup_interval: Duration,
+    /// Allocations younger than this are never freed by the API-based cleanup.
+    pub cleanup_min_age: Duration,
+}
+
+/// The conflist's file name.
+pub const CONFLIST_NAME: &str = "10-weft.conflist";
+
+/// The conflist the DaemonSet installs (`manifests/cni/`), naming this agent's socket and
+/// state directory.
+pub fn conflist(socket: &Path, state_dir: &Path) -> Result<String, String> {
+    let mut v: serde_json::Value =
+        serde_json::from_str(include_str!("../../manifests/cni/10-weft.conflist"))
+            .map_err(|e| format!("manifests/cni/10-weft.conflist: {e}"))?;
+    let weft = v["plugins"]
+        .as_array_mut()
+        .and_then(|p| p.iter_mut().find(|p| p["type"] == "weft-cni"))
+        .ok_or("manifests/cni/10-weft.conflist has no weft-cni plugin")?;
+    weft["agentSocket"] = socket.display().to_string().into();
+    weft["stateDir"] = state_dir.display().to_string().into();
+    let mut text = serde_json::to_string_pretty(&v).map_err(|e| e.to_string())?;
+    text.push('\n');
+    Ok(text)
+}
+
+/// Writes `dir/10-weft.conflist` atomically (temporary file, fsync, rename, fsync of the
+/// directory): a runtime reading the directory sees the old file or the whole new one, and
+/// the temporary name ends in neither `.conf` nor `.conflist`. Returns false when the file
+/// already had this content (nothing written).
+pub fn write_conflist(dir: &Path, text: &str) -> std::io::Result<bool> {
+    let path = dir.join(CONFLIST_NAME);
+    if std::fs::read_to_string(&path).is_ok_and(|have| have == text) {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{CONFLIST_NAME}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(true)
 }
 
 /// The policy gate of CNI ADD, answered by the controller.
@@ -159,6 +218,7 @@ pub async fn run(
     gate: Arc<AgentGate>,
     slot: ServiceSlot,
 ) {
+    tokio::spawn(housekeeping(cfg.clone(), gate.shared.clone(), slot.clone()));
     let mut state: Option<(rtnetlink::Handle, Overlay, PodCidrs)> = None;
     loop {
         let snapshot = nodes.borrow_and_update().clone();
@@ -350,4 +410,141 @@ pub fn local_ips(rs: &weft_netpol::Ruleset) -> BTreeSet<IpAddr> {
         }
     }
     out
+}
+
+/// Masquerade table, conflist, API-based cleanup (see the module docs). Runs forever; every
+/// step is retried on its own schedule, none blocks another.
+pub async fn housekeeping(cfg: DataplaneConfig, shared: Arc<Shared>, slot: ServiceSlot) {
+    let desired_nat = cfg.masquerade.as_deref().map(super::nat::ruleset);
+    let mut nft: Option<Arc<weft_nft::NftThread>> = None;
+    let mut next_nat = Instant::now();
+    let mut conflist_done = cfg.cni_conf_dir.is_none();
+    let mut bin_warned: Option<Instant> = None;
+    let mut next_cleanup = Instant::now() + cfg.cleanup_interval;
+    loop {
+        let now = Instant::now();
+        if now >= next_nat {
+            next_nat = now + Duration::from_secs(60);
+            if nft.is_none() {
+                match weft_nft::NftThread::spawn() {
+                    Ok(t) => nft = Some(Arc::new(t)),
+                    Err(e) => {
+                        error!(error = %e, "masquerade: no netlink backend; retrying in 5 s");
+                        next_nat = now + Duration::from_secs(5);
+                    }
+                }
+            }
+            if let Some(t) = nft.clone() {
+                let desired = desired_nat.clone();
+                let result =
+                    tokio::task::spawn_blocking(move || super::nat::sync(&t, desired.as_ref()))
+                        .await;
+                match result {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(ops)) => match &cfg.masquerade {
+                        Some(cidrs) => {
+                            info!(ops, cluster_cidrs = ?cidrs, "masquerade: table inet weft-nat in place")
+                        }
+                        None => info!("masquerade off: table inet weft-nat removed"),
+                    },
+                    Ok(Err(e)) => {
+                        error!(error = %e, "masquerade: table inet weft-nat not applied; retrying in 5 s");
+                        next_nat = now + Duration::from_secs(5);
+                    }
+                    Err(e) => error!(error = %e, "masquerade: sync task failed"),
+                }
+            }
+        }
+        if !conflist_done
+            && shared.adopted.load(std::sync::atomic::Ordering::Relaxed)
+            && slot.read().await.is_some()
+            && let Some(dir) = &cfg.cni_conf_dir
+        {
+            let plugin = cfg.cni_bin_dir.join("weft-cni");
+            if !plugin.exists() {
+                if bin_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    warn!(plugin = %plugin.display(), "ready, but the CNI plugin is not installed: conflist not written yet");
+                    bin_warned = Some(Instant::now());
+                }
+            } else {
+                match conflist(&cfg.socket, &cfg.state_dir)
+                    .and_then(|text| write_conflist(dir, &text).map_err(|e| e.to_string()))
+                {
+                    Ok(written) => {
+                        conflist_done = true;
+                        info!(path = %dir.join(CONFLIST_NAME).display(), written, "ready: CNI conflist in place");
+                    }
+                    Err(e) => {
+                        error!(dir = %dir.display(), error = %e, "cannot write the CNI conflist; retrying")
+                    }
+                }
+            }
+        }
+        if now >= next_cleanup {
+            next_cleanup = now + cfg.cleanup_interval;
+            let service = slot.read().await.clone();
+            let uids = shared
+                .live_pod_uids
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let (Some(service), Some(uids)) = (service, uids) {
+                match service
+                    .release_deleted_pods(&uids, cfg.cleanup_min_age)
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => info!(
+                        released = n,
+                        min_age_s = cfg.cleanup_min_age.as_secs(),
+                        "API-based cleanup: allocations of deleted pods released"
+                    ),
+                    Err(e) => {
+                        warn!(code = e.code, msg = %e.msg, details = %e.details, "API-based cleanup failed; retried next round")
+                    }
+                }
+            }
+        }
+        let pause = if conflist_done { 1000 } else { 100 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_conflist_is_the_manifest_with_this_agents_paths() {
+        let text = conflist(Path::new("/run/x/agent.sock"), Path::new("/var/lib/x")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["cniVersion"], "1.1.0");
+        assert_eq!(v["plugins"][0]["type"], "weft-cni");
+        assert_eq!(v["plugins"][0]["agentSocket"], "/run/x/agent.sock");
+        assert_eq!(v["plugins"][0]["stateDir"], "/var/lib/x");
+        assert_eq!(v["plugins"][0]["capabilities"]["ips"], true);
+        assert_eq!(v["plugins"][1]["type"], "portmap");
+    }
+
+    #[test]
+    fn the_conflist_is_replaced_atomically_and_only_when_it_changes() {
+        let dir = std::env::temp_dir().join(format!("weft-conflist-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(write_conflist(&dir, "{}\n").unwrap());
+        assert!(
+            !write_conflist(&dir, "{}\n").unwrap(),
+            "same content: untouched"
+        );
+        assert!(write_conflist(&dir, "{\"a\":1}\n").unwrap());
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, [CONFLIST_NAME], "no temporary file left");
+        assert_eq!(
+            std::fs::read_to_string(dir.join(CONFLIST_NAME)).unwrap(),
+            "{\"a\":1}\n"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

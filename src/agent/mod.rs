@@ -13,6 +13,7 @@ pub mod controller;
 pub mod dataplane;
 pub mod http;
 pub mod metrics;
+pub mod nat;
 pub mod query;
 pub mod watch;
 
@@ -55,6 +56,14 @@ pub struct AgentConfig {
     pub underlay_ip: Option<std::net::IpAddr>,
     /// Run without the dataplane (no overlay, no CNI): policy enforcement only.
     pub no_dataplane: bool,
+    /// Cluster CIDRs (pods, Services) never masqueraded; `None`: no masquerade.
+    pub masquerade: Option<Vec<ipnet::IpNet>>,
+    /// Where the conflist goes once the agent is ready (`None`: never).
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Where the runtime finds CNI plugins.
+    pub cni_bin_dir: PathBuf,
+    /// API-based cleanup: only allocations at least this old whose pod UID is gone.
+    pub cleanup_min_age: Duration,
 }
 
 async fn client(cfg: &AgentConfig) -> anyhow::Result<Client> {
@@ -142,6 +151,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 state_dir: cfg.state_dir.clone(),
                 underlay_ip: cfg.underlay_ip,
                 policy_timeout: Duration::from_secs(10),
+                masquerade: cfg.masquerade.clone(),
+                cni_conf_dir: cfg.cni_conf_dir.clone(),
+                cni_bin_dir: cfg.cni_bin_dir.clone(),
+                socket: cfg.socket.clone(),
+                cleanup_interval: Duration::from_secs(60),
+                cleanup_min_age: cfg.cleanup_min_age,
             },
             nodes_rx,
             gate.clone(),

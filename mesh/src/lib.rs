@@ -1,0 +1,44 @@
+//! weft's node mesh (DESIGN §5): authenticated control connections between nodes, the
+//! per-peer path health that decides between direct and relayed paths, and (feature
+//! `userspace-wg`) the userspace WireGuard process `weft-wg`.
+//!
+//! What it owns: the control protocol on its TCP port, the node's long-term Ed25519 identity
+//! (one file in the state dir), and the decisions about which path each peer's traffic takes.
+//! What it must not touch: nftables, routes and links (the dataplane programs what [`path`]
+//! decides), and the Kubernetes API (membership comes in as plain data: [`PeerDirectory`]).
+//!
+//! Flow: [`net::Mesh`] accepts or dials a TCP connection → every frame goes through the pure
+//! state machine [`connection::Connection::step`] (handshake, sealed frames, rekey) → the
+//! application messages it delivers ([`message::MeshMessage`]) feed [`path::PathTable`].
+//!
+//! The handshake, in three messages (all framed by [`wire`]):
+//!
+//! ```text
+//! initiator → responder  ClientHello  name, identity key, ephemeral X25519, nonce, time; HMAC(cluster)
+//! responder → initiator  ServerHello  the same fields; Ed25519 sig over the transcript; HMAC(cluster)
+//! initiator → responder  ClientFinish Ed25519 sig over the whole transcript; HMAC(cluster)
+//! ```
+//!
+//! after which both sides hold ChaCha20-Poly1305 keys from HKDF(X25519 shared secret ‖ a key
+//! derived from the cluster secret, salted with the transcript hash), one per direction, with
+//! strict per-direction counters; the initiator rekeys periodically with a fresh agreement on
+//! the live connection.
+
+pub mod cluster;
+pub mod connection;
+pub mod identity;
+pub mod message;
+pub mod metrics;
+pub mod net;
+pub mod path;
+pub mod replay;
+pub mod wire;
+
+pub use cluster::{ClusterKeys, PeerDirectory};
+pub use connection::{
+    CloseReason, Connection, Context, Input, Misbehaviour, Output, SessionConfig,
+};
+pub use identity::Identity;
+pub use metrics::MeshMetrics;
+
+pub use wire::NodeName;

@@ -1,0 +1,1 @@
+//! Path health and relay decisions (in progress).

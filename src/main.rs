@@ -139,6 +139,10 @@ struct AgentArgs {
     /// Policy enforcement only: no overlay, no CNI service.
     #[arg(long)]
     no_dataplane: bool,
+    /// Seconds between comparisons of the kernel's table with the desired one; drift is
+    /// repaired by a diff and counted (0: off).
+    #[arg(long, default_value_t = 60)]
+    drift_check_seconds: u64,
     /// Cluster CIDRs, comma-separated: pod and Service ranges. Pods' traffic to anything
     /// outside them is masqueraded (table inet weft-nat); inside, sources are kept.
     #[arg(long, default_value = agent::nat::DEFAULT_CLUSTER_CIDRS)]
@@ -295,6 +299,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         state_dir: args.state_dir,
         underlay_ip: args.underlay_ip,
         no_dataplane: args.no_dataplane || args.dry_run,
+        drift_check_interval: Duration::from_secs(args.drift_check_seconds),
         masquerade,
         cni_conf_dir: Some(args.cni_conf_dir),
         cni_bin_dir: args.cni_bin_dir,

@@ -52,8 +52,8 @@ impl Backend for Kernel {
 /// The in-memory kernel (tests, and `weft agent --dry-run`).
 pub struct Memory {
     table: String,
-    /// The fake kernel.
-    pub fake: FakeBackend,
+    /// The fake kernel (shared, so tests can change it behind the controller's back).
+    pub fake: std::sync::Arc<std::sync::Mutex<FakeBackend>>,
 }
 
 impl Memory {
@@ -61,18 +61,25 @@ impl Memory {
     pub fn new(table: &str) -> Memory {
         Memory {
             table: table.to_string(),
-            fake: FakeBackend::new(),
+            fake: Default::default(),
         }
+    }
+}
+
+impl Memory {
+    fn kernel(&self) -> std::sync::MutexGuard<'_, FakeBackend> {
+        self.fake.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Backend for Memory {
     fn dump(&mut self) -> Result<Option<Ruleset>, String> {
-        Ok(self.fake.dump().cloned())
+        Ok(self.kernel().dump().cloned())
     }
 
     fn apply(&mut self, ops: &[Op]) -> Result<(), String> {
-        self.fake.apply(&self.table, ops).map_err(|e| e.to_string())
+        let table = self.table.clone();
+        self.kernel().apply(&table, ops).map_err(|e| e.to_string())
     }
 
     fn describe(&self) -> String {

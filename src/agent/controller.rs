@@ -128,6 +128,8 @@ pub struct ControllerConfig {
     pub inject_panic_policy: Option<String>,
     /// Most transactions per second (a storm cannot melt the node).
     pub max_reconciles_per_second: u32,
+    /// How often the kernel's table is compared with the desired one (zero: never).
+    pub drift_check_interval: Duration,
 }
 
 /// The controller.
@@ -148,6 +150,7 @@ pub struct Controller {
     last_reconcile: Option<Instant>,
     /// Addresses CNI ADD gave pods the API does not show yet: pod → (uid, addresses).
     cni_ips: BTreeMap<ObjectKey, (String, Vec<std::net::IpAddr>)>,
+    last_drift_check: Instant,
     /// Where the dataplane learns the nodes.
     nodes_tx: Option<tokio::sync::watch::Sender<Vec<super::dataplane::NodeInfo>>>,
     /// Pods changed since [`Shared::live_pod_uids`] was last published, and when that was.
@@ -179,6 +182,7 @@ impl Controller {
             injected: false,
             last_reconcile: None,
             cni_ips: BTreeMap::new(),
+            last_drift_check: Instant::now(),
             nodes_tx: None,
             uids_dirty: true,
             uids_published: None,
@@ -231,6 +235,48 @@ impl Controller {
                 }
             }
             self.step_guarded(batch);
+            let interval = self.cfg.drift_check_interval;
+            if !interval.is_zero() && self.last_drift_check.elapsed() >= interval {
+                self.last_drift_check = Instant::now();
+                let _ = catch_unwind(AssertUnwindSafe(|| self.check_drift()));
+            }
+        }
+    }
+
+    /// Compares the kernel's table with the desired one and repairs any drift by a diff
+    /// (someone ran `nft`, another tool flushed a set). Returns the ops it applied.
+    pub fn check_drift(&mut self) -> usize {
+        let Phase::Running { engine } = &self.phase else {
+            return 0;
+        };
+        if self.needs_resync
+            || !engine.pending().chains.is_empty()
+            || !engine.pending().sets.is_empty()
+        {
+            return 0; // the next reconcile re-dumps anyway
+        }
+        let kernel = match self.backend.dump() {
+            Ok(k) => k,
+            Err(e) => {
+                warn!(error = %e, "drift check: cannot read the kernel's table");
+                return 0;
+            }
+        };
+        let ops = super::query::audit_ops(kernel.as_ref(), engine.desired());
+        if ops.is_empty() {
+            return 0;
+        }
+        let shown: Vec<String> = ops.iter().take(5).map(ToString::to_string).collect();
+        warn!(ops = ops.len(), first = ?shown, "drift: the kernel's table differs from the desired one; repairing by diff");
+        if self.transaction(&ops) {
+            self.shared
+                .metrics
+                .drift_repairs
+                .fetch_add(1, Ordering::Relaxed);
+            ops.len()
+        } else {
+            self.needs_resync = true;
+            0
         }
     }
 
@@ -782,6 +828,7 @@ mod tests {
             table: "weft".into(),
             inject_panic_policy: inject.map(Into::into),
             max_reconciles_per_second: 1000,
+            drift_check_interval: Duration::ZERO,
         };
         (
             Controller::new(cfg, Box::new(Memory::new("weft")), shared.clone(), None),
@@ -897,6 +944,45 @@ mod tests {
         c.step(vec![]);
         let uids = shared.live_pod_uids.lock().unwrap().clone().unwrap();
         assert_eq!(uids.iter().collect::<Vec<_>>(), ["ua"]);
+    }
+
+    #[test]
+    fn drift_made_behind_the_agents_back_is_repaired_by_a_diff() {
+        let shared = Arc::new(Shared::new("n1", Arc::new(Metrics::default())));
+        let memory = Memory::new("weft");
+        let kernel = memory.fake.clone();
+        let cfg = ControllerConfig {
+            node: "n1".into(),
+            table: "weft".into(),
+            inject_panic_policy: None,
+            max_reconciles_per_second: 1000,
+            drift_check_interval: Duration::ZERO,
+        };
+        let mut c = Controller::new(cfg, Box::new(memory), shared.clone(), None);
+        list_all(
+            &mut c,
+            vec![pod("a", "10.244.1.2", "n1")],
+            vec![deny_all("deny")],
+        );
+        c.step(vec![msg(Kind::Nodes, WatchBody::Listed(vec![]), "10")]);
+        assert_eq!(c.check_drift(), 0, "no drift yet");
+        kernel.lock().unwrap().tamper(|t| {
+            t.sets
+                .get_mut("ingress-dispatch-v4")
+                .unwrap()
+                .elements
+                .clear();
+        });
+        assert_eq!(
+            c.check_drift(),
+            1,
+            "one element op puts the dispatch element back"
+        );
+        assert_eq!(shared.metrics.drift_repairs.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            kernel.lock().unwrap().dump(),
+            Some(c.engine().unwrap().desired())
+        );
     }
 
     #[test]

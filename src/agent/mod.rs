@@ -56,6 +56,8 @@ pub struct AgentConfig {
     pub underlay_ip: Option<std::net::IpAddr>,
     /// Run without the dataplane (no overlay, no CNI): policy enforcement only.
     pub no_dataplane: bool,
+    /// How often the kernel's table is compared with the desired one (zero: never).
+    pub drift_check_interval: Duration,
     /// Cluster CIDRs (pods, Services) never masqueraded; `None`: no masquerade.
     pub masquerade: Option<Vec<ipnet::IpNet>>,
     /// Where the conflist goes once the agent is ready (`None`: never).
@@ -135,6 +137,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             table: cfg.table.clone(),
             inject_panic_policy: cfg.inject_panic_policy.clone(),
             max_reconciles_per_second: 50,
+            drift_check_interval: cfg.drift_check_interval,
         },
         backend,
         shared.clone(),

@@ -62,7 +62,8 @@ kernel_tier() {
 cluster_tier() {
   bash conformance/k8s/install.sh && bash conformance/k8s/smoke-test.sh \
     && cargo build -q -p weft -p weft-cni && bash conformance/lab/lab-test.sh \
-    && bash conformance/k8s/manifests-test.sh
+    && bash conformance/k8s/manifests-test.sh \
+    && bash conformance/k8s/agent-test.sh
 }
 bench_tier() {
   WEFT_BENCH_SIZE="$BENCH_SIZE" cargo bench -p weft-netpol --bench engine

@@ -6,6 +6,9 @@
 #   cluster.sh down DIR          stop everything `up DIR` started, delete its namespaces
 #   cluster.sh status DIR        which processes are alive + apiserver /readyz
 #   cluster.sh kubectl DIR ARGS  kubectl as admin, run inside the host namespace
+#   cluster.sh restart DIR NAME [SIG]  stop NAME (etcd|kube-apiserver|kube-controller-manager)
+#                                with SIG (default TERM; KILL = crash), start it again with
+#                                the same arguments, wait until it is ready
 #
 # Env (read by `up`; `down`/`status` use what `up` recorded in DIR):
 #   WEFT_NS_PREFIX             namespace prefix (default weft): ${prefix}-host, ${prefix}-node<i>
@@ -28,7 +31,7 @@ KCM_CONTROLLERS=node-ipam-controller,endpointslice-controller,serviceaccount-con
 
 log() { printf '[cluster.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 # --- state recorded in DIR ------------------------------------------------------
 # DIR/state/netns     one namespace name a line, written BEFORE the namespace is created
@@ -135,8 +138,15 @@ make_pki() {
 # --- processes ------------------------------------------------------------------
 start_in_ns() { # name ns cmd...   (logs in DIR/logs/name.log, pid in DIR/pids/name.pid)
   local name=$1 ns=$2 pid; shift 2
+  # the command line, NUL-separated, for `restart`
+  printf '%s\0' "$ns" "$@" >"$DIR/state/$name.argv"
   # `ip netns exec` and `setsid` (not a group leader here) both exec: $! is the daemon.
-  setsid ip netns exec "$ns" "$@" </dev/null >"$DIR/logs/$name.log" 2>&1 3>&- &
+  # A restart appends to the log of the previous run.
+  if [[ "${LOG_APPEND:-0}" == 1 ]]; then
+    setsid ip netns exec "$ns" "$@" </dev/null >>"$DIR/logs/$name.log" 2>&1 3>&- &
+  else
+    setsid ip netns exec "$ns" "$@" </dev/null >"$DIR/logs/$name.log" 2>&1 3>&- &
+  fi
   pid=$!
   sleep 0.2
   echo "$pid $(proc_start "$pid")" >"$DIR/pids/$name.pid"
@@ -447,6 +457,43 @@ cmd_kubectl() {
   admin_kubectl "$@"
 }
 
+cmd_restart() { # NAME [SIGNAL]
+  load_state
+  local name=${1:-} sig=${2:-TERM} f pid i argv=() ns
+  case $name in
+    etcd | kube-apiserver | kube-controller-manager) ;;
+    *) die "restart: NAME must be etcd, kube-apiserver or kube-controller-manager" ;;
+  esac
+  [[ -s "$DIR/state/$name.argv" ]] || die "$DIR/state/$name.argv missing (cluster started by an older cluster.sh?)"
+  mapfile -d '' argv <"$DIR/state/$name.argv"
+  ns=${argv[0]}
+  argv=("${argv[@]:1}")
+  f="$DIR/pids/$name.pid"
+  if pid_alive "$f"; then
+    read -r pid _ <"$f"
+    log "restart: sending SIG$sig to $name (pid $pid)"
+    kill -s "$sig" "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do   # up to 10 s (as `down`); a zombie (not reaped by pid 1) counts as gone
+      [[ -d /proc/$pid && "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]] || break
+      sleep 0.1
+    done
+    if [[ -d /proc/$pid && "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]]; then
+      log "restart: $name still alive after 10 s: KILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      sleep 0.5
+    fi
+  else
+    log "restart: $name was not running"
+  fi
+  local timeout=${WEFT_READY_TIMEOUT:-120}
+  LOG_APPEND=1 start_in_ns "$name" "$ns" "${argv[@]}"
+  case $name in
+    etcd) wait_for "etcd /health" "$timeout" "$f" in_host curl -sf --max-time 3 http://127.0.0.1:2379/health ;;
+    kube-apiserver) wait_for "kube-apiserver /readyz" "$timeout" "$f" readyz_ok ;;
+    kube-controller-manager) wait_for "kube-controller-manager /healthz" "$timeout" "$f" kcm_ok ;;
+  esac
+}
+
 [[ $# -ge 2 ]] || usage
 CMD=$1 DIR=$2
 shift 2
@@ -459,5 +506,6 @@ case $CMD in
     cmd_down ;;
   status) cmd_status ;;
   kubectl) cmd_kubectl "$@" ;;
+  restart) cmd_restart "$@" ;;
   *) usage ;;
 esac

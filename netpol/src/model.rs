@@ -643,10 +643,11 @@ impl<'a> RuleCtx<'a> {
 /// strict subset of it, of the same family.
 pub fn ip_block(cidr: &str, except: &[String]) -> Result<IpBlock, String> {
     let parse = |s: &str| -> Result<IpNet, String> {
-        s.trim()
+        let net = s
+            .trim()
             .parse::<IpNet>()
-            .map(|n| n.trunc())
-            .map_err(|_| format!("invalid CIDR {s:?}"))
+            .map_err(|_| format!("invalid CIDR {s:?}"))?;
+        Ok(unmap_v4(net).trunc())
     };
     let cidr = parse(cidr)?;
     let mut out = Vec::new();
@@ -663,6 +664,21 @@ pub fn ip_block(cidr: &str, except: &[String]) -> Result<IpBlock, String> {
     out.sort();
     out.dedup();
     Ok(IpBlock { cidr, except: out })
+}
+
+/// An IPv4-mapped IPv6 CIDR (`::ffff:10.0.0.0/104`) means the IPv4 CIDR it carries
+/// (`10.0.0.0/8`): pod traffic is IPv4, so only the IPv4 form can ever match (the API warns
+/// and suggests the same rewrite).
+fn unmap_v4(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        other => other,
+    }
 }
 
 /// Validates one port entry.
@@ -788,5 +804,22 @@ impl Cluster {
             .map(|p| p.key.namespace.as_str())
             .filter(|ns| !self.namespaces.contains_key(*ns))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_ip_blocks_mean_their_ipv4_cidr() {
+        let b = ip_block("::ffff:10.244.0.0/112", &["::ffff:10.244.1.0/120".into()]).unwrap();
+        assert_eq!(b.cidr.to_string(), "10.244.0.0/16");
+        assert_eq!(b.except[0].to_string(), "10.244.1.0/24");
+        assert!(b.contains("10.244.0.9".parse().unwrap()));
+        assert!(!b.contains("10.244.1.9".parse().unwrap()));
+        // A plain IPv6 block stays IPv6; host bits are masked.
+        let v6 = ip_block("fd00:10:244::1/48", &[]).unwrap();
+        assert_eq!(v6.cidr.to_string(), "fd00:10:244::/48");
     }
 }

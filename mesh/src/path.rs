@@ -306,7 +306,8 @@ mod tests {
 
     #[test]
     fn decisions_follow_probes_reports_and_hysteresis() {
-        let cases: &[(&str, &[Ev], &[(&str, Path)])] = &[
+        type Case<'a> = (&'a str, &'a [Ev], &'a [(&'a str, Path)]);
+        let cases: &[Case<'_>] = &[
             (
                 "fresh peers are direct",
                 &[],

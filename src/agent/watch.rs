@@ -195,7 +195,8 @@ impl Default for WatchConfig {
         WatchConfig {
             stall_timeout: Duration::from_secs(150),
             min_backoff: Duration::from_millis(500),
-            max_backoff: Duration::from_secs(30),
+            // Short enough that a watch is back within seconds of the API server's return.
+            max_backoff: Duration::from_secs(10),
             server_timeout: 290,
             inject_panic: None,
         }
@@ -299,6 +300,7 @@ async fn watch_loop<K>(
             }
         };
         health.touch();
+        backoff.reset();
         health.listed_once.store(true, Ordering::Relaxed);
         info!(kind = kind.name(), objects = items.len(), resource_version = %rv, "listed");
         if !send(

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod net;
 pub mod path;
 pub mod replay;
+pub mod wg;
 pub mod wire;
 
 pub use cluster::{ClusterKeys, PeerDirectory};

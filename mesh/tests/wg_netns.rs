@@ -1,0 +1,342 @@
+//! `weft-wg` for real: two network namespaces joined by a veth "underlay", one `weft-wg` in
+//! each, TCP through the tunnel, and a capture on the underlay that must not contain the
+//! payload (while a capture on the tunnel device, as a control, does). Needs root, /dev/net/tun,
+//! `ip`, `socat` and `tcpdump` (scripts/setup.sh installs them); otherwise it says why and
+//! skips. Namespaces are `weft-mesh-t-<pid>-<tag>-{a,b}` and are always removed; nothing
+//! touches the root namespace.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use weft_mesh::wg::{DeviceConfig, PeerConfig, userspace};
+
+const WG: &str = env!("CARGO_BIN_EXE_weft-wg");
+const MARKER: &str = "WEFT-PLAINTEXT-MARKER-5f3a";
+
+fn skip_reason() -> Option<String> {
+    let uid = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Some("not root".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("no /dev/net/tun".into());
+    }
+    for tool in ["ip", "socat", "tcpdump"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Some(format!("no {tool} (scripts/setup.sh installs it)"));
+        }
+    }
+    None
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two namespaces, the processes started in them, and a scratch dir; all removed on drop.
+struct Lab {
+    a: String,
+    b: String,
+    dir: PathBuf,
+    children: Vec<Child>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Lab {
+    /// Namespaces a (198.18.0.1) and b (198.18.0.2) on a veth; weft-wg in each; tunnel
+    /// addresses 198.19.0.1 and 198.19.0.2 on `wgweft` (MTU 1420).
+    fn new(tag: &str) -> Lab {
+        let base = format!("weft-mesh-t-{}-{tag}", std::process::id());
+        let dir = std::env::temp_dir().join(&base);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let mut lab = Lab {
+            a: format!("{base}-a"),
+            b: format!("{base}-b"),
+            dir,
+            children: Vec::new(),
+        };
+        let (a, b) = (lab.a.clone(), lab.b.clone());
+        run(&["ip", "netns", "add", &a]);
+        run(&["ip", "netns", "add", &b]);
+        run(&[
+            "ip", "-n", &a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", &b,
+        ]);
+        for (ns, dev, addr) in [(&a, "va", "198.18.0.1/24"), (&b, "vb", "198.18.0.2/24")] {
+            run(&["ip", "-n", ns, "addr", "add", addr, "dev", dev]);
+            run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        let rng = ring::rand::SystemRandom::new();
+        let (ka, kb) = (
+            userspace::generate_private_key(&rng),
+            userspace::generate_private_key(&rng),
+        );
+        let config = |own: [u8; 32], peer: [u8; 32], endpoint: &str, allowed: &str| DeviceConfig {
+            private_key: own,
+            listen_port: 51820,
+            peers: vec![PeerConfig {
+                public_key: userspace::public_key(&peer),
+                endpoint: Some(endpoint.parse().expect("endpoint")),
+                allowed_ips: vec![(allowed.parse().expect("ip"), 32)],
+                persistent_keepalive: None,
+            }],
+        };
+        for (ns, cfg, tunnel) in [
+            (
+                &a,
+                config(ka, kb, "198.18.0.2:51820", "198.19.0.2"),
+                "198.19.0.1/24",
+            ),
+            (
+                &b,
+                config(kb, ka, "198.18.0.1:51820", "198.19.0.1"),
+                "198.19.0.2/24",
+            ),
+        ] {
+            let path = lab.dir.join(format!("{ns}.conf"));
+            std::fs::write(&path, cfg.render()).expect("config");
+            let log = std::fs::File::create(lab.dir.join(format!("{ns}.log"))).expect("log");
+            let child = Command::new("ip")
+                .args(["netns", "exec", ns, WG, "run", "--config"])
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("weft-wg");
+            lab.children.push(child);
+            lab.wait_for(&format!("wgweft in {ns}"), || {
+                Command::new("ip")
+                    .args(["-n", ns, "link", "show", "wgweft"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+            run(&["ip", "-n", ns, "addr", "add", tunnel, "dev", "wgweft"]);
+            run(&["ip", "-n", ns, "link", "set", "wgweft", "mtu", "1420", "up"]);
+        }
+        lab
+    }
+
+    fn wait_for(&self, what: &str, mut ready: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ready() {
+            assert!(Instant::now() < deadline, "{what} not ready in 10 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts tcpdump in `ns` on `dev`, writing `file`; returns once it captures.
+    fn capture(&mut self, ns: &str, dev: &str, file: &Path) -> usize {
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                dev,
+                "-U",
+                "-n",
+                "-w",
+            ])
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump");
+        self.children.push(child);
+        self.wait_for("tcpdump", || file.exists());
+        std::thread::sleep(Duration::from_millis(300));
+        self.children.len() - 1
+    }
+
+    /// Stops a capture (SIGINT, so that tcpdump flushes) and returns the file's bytes.
+    fn stop_capture(&mut self, index: usize, file: &Path) -> Vec<u8> {
+        // Immediate mode hands every packet over at once; a short pause lets the last ones
+        // reach the file before the interrupt.
+        std::thread::sleep(Duration::from_millis(200));
+        let pid = self.children[index].id().to_string();
+        let _ = Command::new("kill").args(["-INT", &pid]).status();
+        let _ = self.children[index].wait();
+        std::fs::read(file).expect("capture file")
+    }
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn tcp_crosses_the_tunnel_and_the_underlay_carries_no_plaintext() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let mut lab = Lab::new("tcp");
+    let (a, b) = (lab.a.clone(), lab.b.clone());
+    let underlay = lab.dir.join("underlay.pcap");
+    let inner = lab.dir.join("inner.pcap");
+    let cap_underlay = lab.capture(&a, "va", &underlay);
+    let cap_inner = lab.capture(&a, "wgweft", &inner);
+
+    let received = lab.dir.join("received");
+    let server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &b,
+            "socat",
+            "-u",
+            "TCP-LISTEN:7000,bind=198.19.0.2,reuseaddr",
+        ])
+        .arg(format!("OPEN:{},creat,trunc", received.display()))
+        .spawn()
+        .expect("socat server");
+    lab.children.push(server);
+    let server_index = lab.children.len() - 1;
+    std::thread::sleep(Duration::from_millis(300));
+    let payload: String = (0..200).map(|i| format!("{MARKER} line {i}\n")).collect();
+    let sent = lab.dir.join("sent");
+    std::fs::write(&sent, &payload).expect("payload");
+    let started = Instant::now();
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &a,
+        "timeout",
+        "20",
+        "socat",
+        "-u",
+        &format!("OPEN:{}", sent.display()),
+        "TCP:198.19.0.2:7000,connect-timeout=10",
+    ]);
+    let _ = lab.children[server_index].wait();
+    eprintln!(
+        "first TCP exchange through the tunnel (incl. WireGuard handshake): {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        std::fs::read_to_string(&received).expect("received"),
+        payload
+    );
+
+    let on_underlay = lab.stop_capture(cap_underlay, &underlay);
+    let on_tunnel = lab.stop_capture(cap_inner, &inner);
+    let inner_text = Command::new("tcpdump")
+        .args(["-n", "-r"])
+        .arg(&inner)
+        .output()
+        .expect("tcpdump -r");
+    assert!(
+        contains(&on_tunnel, MARKER),
+        "control: the inner capture sees the payload; it has {} bytes:\n{}",
+        on_tunnel.len(),
+        String::from_utf8_lossy(&inner_text.stdout)
+    );
+    assert!(
+        !contains(&on_underlay, MARKER),
+        "plaintext payload on the underlay"
+    );
+    let text = Command::new("tcpdump")
+        .args(["-n", "-r"])
+        .arg(&underlay)
+        .output()
+        .expect("tcpdump -r");
+    let text = String::from_utf8_lossy(&text.stdout);
+    let wg_packets = text
+        .lines()
+        .filter(|l| l.contains(".51820 > ") && l.contains("UDP"))
+        .count();
+    assert!(
+        wg_packets >= 10,
+        "expected WireGuard UDP on the underlay, got:\n{text}"
+    );
+    assert!(
+        !text.contains("198.19.0."),
+        "inner addresses visible on the underlay:\n{text}"
+    );
+}
+
+/// `cargo test --release -p weft-mesh --test wg_netns -- --ignored --nocapture`: iperf3
+/// through the bare weft-wg tunnel, 5 runs of 3 s, median (the ceiling for userspace
+/// WireGuard on this machine).
+#[test]
+#[ignore = "benchmark: needs iperf3 and a release build"]
+fn bare_tunnel_throughput_median_of_5() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let mut lab = Lab::new("bench");
+    let (a, b) = (lab.a.clone(), lab.b.clone());
+    let server = Command::new("ip")
+        .args(["netns", "exec", &b, "iperf3", "-s", "-B", "198.19.0.2"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    lab.children.push(server);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut mbps = Vec::new();
+    for _ in 0..5 {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &a,
+                "iperf3",
+                "-c",
+                "198.19.0.2",
+                "-t",
+                "3",
+                "-J",
+            ])
+            .output()
+            .expect("iperf3");
+        let json = String::from_utf8_lossy(&out.stdout);
+        let bps = json
+            .split("\"sum_received\"")
+            .nth(1)
+            .and_then(|s| s.split("\"bits_per_second\":").nth(1))
+            .and_then(|s| s.split([',', '}']).next())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .expect("iperf3 JSON with sum_received");
+        mbps.push(bps / 1e6);
+    }
+    mbps.sort_by(f64::total_cmp);
+    eprintln!(
+        "bare weft-wg tunnel, iperf3 TCP, 5 × 3 s: {mbps:.0?} Mbit/s, median {:.0}",
+        mbps[2]
+    );
+}

@@ -1,13 +1,20 @@
 //! weft's node mesh (DESIGN §5): authenticated control connections between nodes, the
-//! per-peer path health that decides between direct and relayed paths, and (feature
-//! `userspace-wg`) the userspace WireGuard process `weft-wg`.
+//! per-peer path health that decides between direct and relayed paths, and the WireGuard side
+//! of pod-traffic encryption ([`wg`]: configuration, and with feature `userspace-wg` the
+//! userspace device that the long-lived process `weft-wg` runs).
+//!
+//! Not here yet (issue 9): the kernel WireGuard path (this project's machines have no module),
+//! the agent wiring (Node objects → [`PeerDirectory`] and dials; [`path::PathChange`] → routes;
+//! WireGuard keys and endpoints exchanged as [`message::MeshMessage::Wireguard`]), probes, and
+//! mixed mode. The agent should depend on this crate with `default-features = false` (gotatun
+//! needs Rust 1.95 and adds a second, RustCrypto, handshake stack next to ring).
 //!
 //! What it owns: the control protocol on its TCP port, the node's long-term Ed25519 identity
 //! (one file in the state dir), and the decisions about which path each peer's traffic takes.
 //! What it must not touch: nftables, routes and links (the dataplane programs what [`path`]
 //! decides), and the Kubernetes API (membership comes in as plain data: [`PeerDirectory`]).
 //!
-//! Flow: [`net::Mesh`] accepts or dials a TCP connection → every frame goes through the pure
+//! Flow: [`net::MeshNode`] accepts or dials a TCP connection → every frame goes through the pure
 //! state machine [`connection::Connection::step`] (handshake, sealed frames, rekey) → the
 //! application messages it delivers ([`message::MeshMessage`]) feed [`path::PathTable`].
 //!

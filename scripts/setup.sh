@@ -27,17 +27,18 @@ else
   say "Debian packages present (${#PKGS[@]} checked)"
 fi
 
-# Rust: the machine image provides rustup's toolchain; Debian's cargo is too old (needs >= 1.89).
+# Rust: the machine image provides rustup's toolchain; Debian's cargo is too old (needs >= 1.95:
+# weft-mesh's userspace WireGuard crate requires it).
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "[setup] no cargo found: install Rust >= 1.89 (rustup) first" >&2
+  echo "[setup] no cargo found: install Rust >= 1.95 (rustup) first" >&2
   exit 1
 fi
 rustv=$(rustc --version | awk '{print $2}')
-if [ "$(printf '%s\n1.89.0\n' "$rustv" | sort -V | head -1)" != "1.89.0" ]; then
-  echo "[setup] rustc $rustv is older than 1.89.0" >&2
+if [ "$(printf '%s\n1.95.0\n' "$rustv" | sort -V | head -1)" != "1.95.0" ]; then
+  echo "[setup] rustc $rustv is older than 1.95.0" >&2
   exit 1
 fi
 if command -v rustup >/dev/null 2>&1; then

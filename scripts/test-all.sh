@@ -51,13 +51,14 @@ static_tier() {
   cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings
 }
 pure_tier() {
-  cargo test -p weft-netpol -p weft -p weft-conformance
+  cargo test -p weft-netpol -p weft -p weft-conformance && cargo test -p weft-mesh --lib
 }
 kernel_tier() {
   # nftables backend (apply/dump/adopt, traffic, anti-spoofing), then the dataplane (IPAM
   # stress with kill -9, veth attach, VXLAN across three node namespaces) and the CNI plugin.
   cargo test -p weft-nft -- --test-threads=2 \
-    && cargo test -p weft-dataplane -p weft-cni -- --test-threads=2
+    && cargo test -p weft-dataplane -p weft-cni -- --test-threads=2 \
+    && cargo test -p weft-mesh --tests
 }
 cluster_tier() {
   bash conformance/k8s/install.sh && bash conformance/k8s/smoke-test.sh \

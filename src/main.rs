@@ -104,6 +104,12 @@ enum ConformanceCommand {
         /// Print every check's tables, not only failed ones.
         #[arg(long)]
         verbose: bool,
+        /// Cluster nodes (default: the most namespaces any case has).
+        #[arg(long, conflicts_with = "oracle")]
+        nodes: Option<usize>,
+        /// Leave the cluster running at the end.
+        #[arg(long, conflicts_with = "oracle")]
+        keep: bool,
     },
 }
 
@@ -195,17 +201,28 @@ fn main() -> ExitCode {
                     oracle,
                     ipv6,
                     verbose,
+                    nodes,
+                    keep,
                 },
         }) => {
-            let args = weft_conformance::command::RunArgs {
+            use weft_conformance::{cluster, command};
+            let args = command::RunArgs {
                 cases,
                 json,
                 oracle,
                 ipv6,
                 verbose,
-                parallelism: 8,
+                // cluster probes mostly wait (a blocked one waits out its timeout)
+                parallelism: if oracle { 8 } else { 96 },
             };
-            match weft_conformance::command::run_command(&args, &mut std::io::stdout()) {
+            let result = if oracle {
+                command::run_command(&args, &mut std::io::stdout()).map_err(|e| e.to_string())
+            } else {
+                cluster::ClusterOptions::from_env(nodes, keep).and_then(|options| {
+                    cluster::run(&args, &options, &mut std::io::stdout()).map_err(|e| e.to_string())
+                })
+            };
+            match result {
                 Ok(summary) if summary.failed == 0 => ExitCode::SUCCESS,
                 Ok(_) => ExitCode::FAILURE,
                 Err(e) => {

@@ -33,6 +33,7 @@
 //! ```
 
 pub mod case;
+pub mod cluster;
 pub mod command;
 pub mod matrix;
 pub mod oracle;

@@ -64,7 +64,8 @@ cluster_tier() {
   bash conformance/k8s/install.sh && bash conformance/k8s/smoke-test.sh \
     && cargo build -q -p weft -p weft-cni && bash conformance/lab/lab-test.sh \
     && bash conformance/k8s/manifests-test.sh \
-    && bash conformance/k8s/agent-test.sh
+    && bash conformance/k8s/agent-test.sh \
+    && bash conformance/lab/handoff-test.sh
 }
 bench_tier() {
   WEFT_BENCH_SIZE="$BENCH_SIZE" cargo bench -p weft-netpol --bench engine

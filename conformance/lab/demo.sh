@@ -13,7 +13,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 K8S="$REPO/conformance/k8s"
 DIR=${2:?DIR}
-PREFIX=weft-lab
+PREFIX=${WEFT_LAB_PREFIX:-weft-lab}
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
 WEFT_CNI="$TARGET/debug/weft-cni"
 

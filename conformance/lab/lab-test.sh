@@ -5,6 +5,7 @@
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export WEFT_LAB_DIR=${WEFT_LAB_DIR:-/tmp/weft-lab-test}
+P=${WEFT_LAB_PREFIX:-weft-lab}
 out=$(mktemp)
 trap 'bash "$HERE/lab.sh" down >/dev/null 2>&1; rm -f "$out" "$out.err" "$out.x"' EXIT
 passed=0; failed=0
@@ -16,7 +17,7 @@ table() { only_tables <"$out"; }
 same_table() { diff <(table) "$HERE/expected-table.txt"; }
 check same_table
 # The independent reader: nft itself parses the table the agent wrote, with comments naming policies.
-rules_named() { ip netns exec weft-lab-node1 nft -j list table inet weft | jq -e '[.nftables[] | .rule? | select(.) | .comment? // empty | select(startswith("shop/api-from-ui ingress[1] from[0]"))] | length >= 1' >/dev/null; }
+rules_named() { ip netns exec $P-node1 nft -j list table inet weft | jq -e '[.nftables[] | .rule? | select(.) | .comment? // empty | select(startswith("shop/api-from-ui ingress[1] from[0]"))] | length >= 1' >/dev/null; }
 check rules_named
 # A second probe round gives the same answers (no flapping).
 second_round() { diff <(bash "$HERE/lab.sh" table 2>/dev/null | only_tables) "$HERE/expected-table.txt"; }
@@ -35,7 +36,7 @@ audit_clean() { "$W" audit --socket "$S" >/dev/null; }
 check audit_clean
 drift_repaired() {
   local ip; ip=$(awk '{print $1}' "$WEFT_LAB_DIR/pods/shop_api.ips")
-  ip netns exec weft-lab-node1 nft delete element inet weft pods-local-v4 "{ $ip }" || return 1
+  ip netns exec $P-node1 nft delete element inet weft pods-local-v4 "{ $ip }" || return 1
   "$W" audit --socket "$S" >/dev/null && return 1   # must report drift (exit 1)
   "$W" audit --repair --socket "$S" >"$out.x"   # exit 1: it reports the drift it repaired
   grep -q "add element pods-local-v4" "$out.x" || return 1
@@ -58,14 +59,14 @@ peer_seen() { # client-netns server-netns addr port -> prints the peer address t
   echo "$got"
 }
 outside_is_masqueraded() {
-  local seen; seen=$(peer_seen weft-lab-pod-shop-api weft-lab-host 198.18.0.1 19999)
+  local seen; seen=$(peer_seen $P-pod-shop-api $P-host 198.18.0.1 19999)
   [[ $seen == 198.18.0.11 ]] || { echo "  host saw $seen, want node1's 198.18.0.11"; return 1; }
-  ip netns exec weft-lab-node1 nft list table inet weft-nat | grep -q 'ip saddr @cluster-v4 ip daddr != @cluster-v4 counter packets [1-9]'
+  ip netns exec $P-node1 nft list table inet weft-nat | grep -q 'ip saddr @cluster-v4 ip daddr != @cluster-v4 counter packets [1-9]'
 }
 check outside_is_masqueraded
 pod_to_pod_keeps_its_source() {
   local ui seen; ui=$(awk '{print $1}' "$WEFT_LAB_DIR/pods/clients_ui.ips")
-  seen=$(peer_seen weft-lab-pod-clients-ui weft-lab-pod-shop-api "$(awk '{print $1}' "$WEFT_LAB_DIR/pods/shop_api.ips")" 8085)
+  seen=$(peer_seen $P-pod-clients-ui $P-pod-shop-api "$(awk '{print $1}' "$WEFT_LAB_DIR/pods/shop_api.ips")" 8085)
   [[ $seen == "$ui" ]] || { echo "  api saw $seen, want ui's $ui"; return 1; }
 }
 check pod_to_pod_keeps_its_source

@@ -5,6 +5,11 @@
 #   lab.sh table        probe the demo again and print the truth table
 #   lab.sh down         remove every process, namespace and file of the lab
 #   lab.sh status       what runs
+#   lab.sh restart-agent I|all [SIGNAL] [DELAY]
+#                       stop node I's agent (or every node's) with SIGNAL (default TERM; KILL =
+#                       crash), wait DELAY seconds (default 1), start it again with the argv it
+#                       was started with ($DIR/run/node<i>/agent.cmd; start time in agent.started);
+#                       does not wait for ready
 #
 # Real components only: etcd, kube-apiserver, kube-controller-manager (conformance/k8s), one
 # `weft agent` and one `kube-proxy` (nftables mode) per node namespace; every pod is a network
@@ -13,14 +18,16 @@
 #
 # Env: WEFT_LAB_DIR (default /tmp/weft-lab), CARGO_TARGET_DIR (where weft is built),
 #      WEFT_LAB_DEMO=0 (up without the demo: an empty cluster, e.g. for conformance/lab/bench.sh),
-#      WEFT_AGENT_ARGS (extra `weft agent` flags for every node).
+#      WEFT_AGENT_ARGS (extra `weft agent` flags for every node),
+#      WEFT_LAB_PREFIX (namespace prefix, default weft-lab: set it to run two labs at once).
 set -Eeuo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 K8S="$REPO/conformance/k8s"
 DIR=${WEFT_LAB_DIR:-/tmp/weft-lab}
-PREFIX=weft-lab
-export WEFT_NS_PREFIX=$PREFIX
+PREFIX=${WEFT_LAB_PREFIX:-weft-lab}
+[[ "$PREFIX" =~ ^[a-z0-9][a-z0-9-]{0,12}$ ]] || { echo "WEFT_LAB_PREFIX must match [a-z0-9][a-z0-9-]{0,12}" >&2; exit 2; }
+export WEFT_NS_PREFIX=$PREFIX WEFT_LAB_PREFIX=$PREFIX
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
 WEFT="$TARGET/debug/weft"
 WEFT_CNI="$TARGET/debug/weft-cni"
@@ -47,8 +54,14 @@ node_ip() { echo "198.18.0.$((10 + $1))"; }
 start_bg() { # name netns cmd...   (log in $DIR/logs/name.log, pid in $DIR/pids/name.pid)
   local name=$1 ns=$2; shift 2
   mkdir -p "$DIR/logs" "$DIR/pids"
-  ip netns exec "$ns" setsid "$@" >"$DIR/logs/$name.log" 2>&1 </dev/null &
+  ip netns exec "$ns" setsid "$@" >>"$DIR/logs/$name.log" 2>&1 </dev/null &
   echo $! >"$DIR/pids/$name.pid"
+}
+
+start_agent() { # node-index argv...   (the argv is recorded for restart-agent)
+  local i=$1; shift
+  printf '%q ' "$@" >"$DIR/run/node$i/agent.cmd"
+  start_bg "agent-node$i" "$(node_ns "$i")" "$@"
 }
 
 cmd_up() {
@@ -79,7 +92,7 @@ EOF
     wait_for "podCIDRs of $n" 60 bash -c "[[ -n \"\$(bash '$K8S/cluster.sh' kubectl '$DIR/cluster' get node $n -o jsonpath='{.spec.podCIDRs}')\" ]]"
     ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
     mkdir -p "$DIR/run/node$i"
-    start_bg "agent-node$i" "$ns" "$WEFT" agent --node "$n" \
+    start_agent "$i" "$WEFT" agent --node "$n" \
       --kubeconfig "$DIR/cluster/kubeconfig/node$i.kubeconfig" \
       --metrics-addr "$ip:6784" --socket "$DIR/run/node$i/agent.sock" \
       --state-dir "$DIR/run/node$i" --underlay-ip "$ip" \
@@ -145,6 +158,31 @@ cmd_down() {
   log "lab removed"
 }
 
+cmd_restart_agent() { # I|all [SIGNAL] [DELAY]
+  local which=${1:?node index or all} sig=${2:-TERM} delay=${3:-1} nodes i pid
+  nodes=$(cat "$DIR/nodes" 2>/dev/null) || die "no lab in $DIR"
+  local list=()
+  if [[ $which == all ]]; then for ((i = 1; i <= nodes; i++)); do list+=("$i"); done; else list=("$which"); fi
+  for i in "${list[@]}"; do
+    [[ -s "$DIR/run/node$i/agent.cmd" ]] || die "no recorded argv for node$i's agent"
+    pid=$(cat "$DIR/pids/agent-node$i.pid")
+    kill "-$sig" "$pid" 2>/dev/null || log "node$i's agent ($pid) was not running"
+  done
+  for i in "${list[@]}"; do
+    pid=$(cat "$DIR/pids/agent-node$i.pid")
+    wait_for "node$i's agent ($pid) to exit" 30 bash -c "! kill -0 $pid"
+  done
+  sleep "$delay"
+  for i in "${list[@]}"; do
+    local argv
+    eval "argv=($(cat "$DIR/run/node$i/agent.cmd"))"
+    echo "--- restart-agent $(date +%T.%N) after SIG$sig" >>"$DIR/logs/agent-node$i.log"
+    date +%s.%N >"$DIR/run/node$i/agent.started"
+    start_bg "agent-node$i" "$(node_ns "$i")" "${argv[@]}"
+    log "node$i's agent restarted (pid $(cat "$DIR/pids/agent-node$i.pid"))"
+  done
+}
+
 cmd_status() {
   [[ -d "$DIR/cluster" ]] || { echo "no lab in $DIR"; return 0; }
   bash "$K8S/cluster.sh" status "$DIR/cluster" || true
@@ -160,5 +198,6 @@ case "${1:-}" in
   table) cmd_table ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  restart-agent) shift; cmd_restart_agent "$@" ;;
+  *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -177,10 +177,13 @@ readyz_ok() { [[ "$(curl_api /readyz)" == ok ]]; }
 kcm_ok() { [[ "$(in_host curl -sk --max-time 5 https://127.0.0.1:10257/healthz)" == ok ]]; }
 
 # --- network --------------------------------------------------------------------
+# Membership tests read `ip netns list` with `grep -x ... >/dev/null`, not `grep -q`: under
+# pipefail, `grep -q` exiting at its match kills the writers with SIGPIPE once the list is
+# longer than one pipe write (a few hundred namespaces), and the test reads as "absent".
 setup_netns() {
   local ns i node
   ns=$HOST_NS
-  if ip netns list | awk '{print $1}' | grep -qx "$ns"; then
+  if ip netns list | awk '{print $1}' | grep -x "$ns" >/dev/null; then
     die "network namespace $ns already exists (not created by this run); run '$0 down' on the DIR that made it, or set WEFT_NS_PREFIX"
   fi
   record_ns "$ns"
@@ -191,7 +194,7 @@ setup_netns() {
   in_host ip link set br-underlay up
   for ((i = 1; i <= NODES; i++)); do
     node="$PREFIX-node$i"
-    if ip netns list | awk '{print $1}' | grep -qx "$node"; then
+    if ip netns list | awk '{print $1}' | grep -x "$node" >/dev/null; then
       die "network namespace $node already exists (not created by this run)"
     fi
     record_ns "$node"
@@ -404,7 +407,7 @@ cmd_down() {
     mapfile -t nss < <(tac "$DIR/state/netns")
     for ns in "${nss[@]}"; do
       [[ -n "$ns" ]] || continue
-      if ip netns list | awk '{print $1}' | grep -qx "$ns"; then
+      if ip netns list | awk '{print $1}' | grep -x "$ns" >/dev/null; then
         pids=$(ip netns pids "$ns" 2>/dev/null || true)
         for pid in $pids; do
           log "stopping pid $pid ($(cat "/proc/$pid/comm" 2>/dev/null || echo '?')) left in netns $ns"
@@ -416,7 +419,7 @@ cmd_down() {
     # keep the record only if something is left behind
     local left=()
     for ns in "${nss[@]}"; do
-      [[ -n "$ns" ]] && ip netns list | awk '{print $1}' | grep -qx "$ns" && left+=("$ns")
+      [[ -n "$ns" ]] && ip netns list | awk '{print $1}' | grep -x "$ns" >/dev/null && left+=("$ns")
     done
     if ((${#left[@]})); then
       printf '%s\n' "${left[@]}" >"$DIR/state/netns"
@@ -439,7 +442,7 @@ cmd_status() {
       printf '%-24s not running\n' "$name"; rc=1
     fi
   done
-  if ip netns list | awk '{print $1}' | grep -qx "$HOST_NS"; then
+  if ip netns list | awk '{print $1}' | grep -x "$HOST_NS" >/dev/null; then
     out=$(curl_api '/readyz' 2>&1) || true
     printf '%-24s %s\n' "apiserver /readyz" "${out:-no answer}"
     [[ "$out" == ok ]] || rc=1

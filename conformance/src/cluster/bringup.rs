@@ -97,7 +97,8 @@ fn run_script(script: &Path, args: &[&str], env: &[(&str, String)]) -> Result<St
 }
 
 /// Removes what an earlier run in `dir` left (its control plane and every namespace it
-/// recorded), if anything.
+/// recorded), and any `weft-cf-` namespace left besides (only one run at a time holds the
+/// lock, see [`super::run`], so such a namespace is an earlier run's).
 pub fn clean_stale(dir: &Path) -> Result<(), String> {
     let cluster = dir.join("cluster");
     if cluster.join("state").exists() {
@@ -108,16 +109,26 @@ pub fn clean_stale(dir: &Path) -> Result<(), String> {
         let script = conformance_dir().join("k8s/cluster.sh");
         run_script(&script, &["down", &cluster.to_string_lossy()], &[])?;
     }
-    let left = netns::list(&format!("{PREFIX}-"));
-    if !left.is_empty() {
-        return Err(format!(
-            "namespaces {} exist but no run in {} recorded them: remove them first",
-            left.join(" "),
-            dir.display()
-        ));
-    }
+    remove_leftover_namespaces()?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| format!("rm {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Deletes every `weft-cf-` namespace that still exists, after killing what runs in it.
+pub fn remove_leftover_namespaces() -> Result<(), String> {
+    let left = netns::list(&format!("{PREFIX}-"));
+    for name in &left {
+        progress(&format!("removing leftover namespace {name}"));
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+        netns::delete(name)?;
     }
     Ok(())
 }
@@ -419,12 +430,14 @@ impl Cluster {
             netns::enter(&root).map_err(|e| format!("setns back: {e}"))?;
         }
         let script = conformance_dir().join("k8s/cluster.sh");
-        run_script(
+        let down = run_script(
             &script,
             &["down", &self.dir.join("cluster").to_string_lossy()],
             &[],
-        )
-        .map(drop)
+        );
+        // whatever `down` missed (it keeps its record then; the next run also looks)
+        let left = remove_leftover_namespaces();
+        down.map(drop).and(left)
     }
 
     /// Leaves everything running (`--keep`), moving this thread back to its namespace.

@@ -175,7 +175,7 @@ pub fn run(
             "must run as root (network namespaces)".into(),
         ));
     }
-    let _lock = lock(&options.dir).map_err(ClusterError::Cluster)?;
+    let _lock = lock().map_err(ClusterError::Cluster)?;
     bringup::clean_stale(&options.dir).map_err(ClusterError::Cluster)?;
     watch_signals();
     let cluster = Cluster::up(&options.dir, nodes).map_err(ClusterError::Cluster)?;
@@ -205,9 +205,9 @@ pub fn run(
     Ok(result?)
 }
 
-/// One run at a time per directory.
-fn lock(dir: &Path) -> Result<nix::fcntl::Flock<File>, String> {
-    let path = PathBuf::from(format!("{}.lock", dir.display()));
+/// One run at a time on the machine (the namespace names are fixed).
+fn lock() -> Result<nix::fcntl::Flock<File>, String> {
+    let path = PathBuf::from("/tmp/weft-cf.lock");
     let f = File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|(_, e)| format!("another run holds {} ({e})", path.display()))
@@ -270,6 +270,7 @@ pub struct ClusterTarget {
     namespaces: BTreeSet<String>,
     used: BTreeSet<IpAddr>,
     realizer: Realizer,
+    case_started: Option<(String, Instant)>,
     via: Via,
     probe_timeout: Duration,
     cluster: Cluster,
@@ -358,6 +359,7 @@ impl ClusterTarget {
                     .map(|i| cluster.agent_socket(i))
                     .collect(),
             ),
+            case_started: None,
             via: options.via,
             probe_timeout: options.probe_timeout,
             cluster,
@@ -1010,6 +1012,7 @@ impl ClusterDriver for ClusterTarget {
             setup.namespaces.len(),
             setup.pods.len()
         ));
+        self.case_started = Some((setup.case_id.to_string(), Instant::now()));
         self.numbers.clear();
         for (i, ns) in setup.namespaces.iter().enumerate() {
             if i + 1 > self.cluster.nodes {
@@ -1192,6 +1195,9 @@ impl ClusterDriver for ClusterTarget {
         let removed = self.remove_pods(&pods);
         let names: Vec<String> = setup.namespaces.iter().map(|n| n.name.clone()).collect();
         let policies = self.delete_policies_in(&names);
+        if let Some((id, at)) = self.case_started.take() {
+            progress(&format!("case {id}: {:.1} s", at.elapsed().as_secs_f64()));
+        }
         // The deletions are timed too; the next case's settle waits for them.
         removed.and(policies)
     }

@@ -65,7 +65,8 @@ cluster_tier() {
     && cargo build -q -p weft -p weft-cni && bash conformance/lab/lab-test.sh \
     && bash conformance/k8s/manifests-test.sh \
     && bash conformance/k8s/agent-test.sh \
-    && bash conformance/lab/handoff-test.sh
+    && bash conformance/lab/handoff-test.sh \
+    && bash conformance/run-upstream.sh
 }
 bench_tier() {
   WEFT_BENCH_SIZE="$BENCH_SIZE" cargo bench -p weft-netpol --bench engine

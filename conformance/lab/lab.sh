@@ -19,7 +19,8 @@
 # Env: WEFT_LAB_DIR (default /tmp/weft-lab), CARGO_TARGET_DIR (where weft is built),
 #      WEFT_LAB_DEMO=0 (up without the demo: an empty cluster, e.g. for conformance/lab/bench.sh),
 #      WEFT_AGENT_ARGS (extra `weft agent` flags for every node),
-#      WEFT_LAB_PREFIX (namespace prefix, default weft-lab: set it to run two labs at once).
+#      WEFT_LAB_PREFIX (namespace prefix, default weft-lab: set it to run two labs at once),
+#      WEFT_LAB_PROFILE=release (build and run optimised binaries; default debug).
 set -Eeuo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -29,8 +30,9 @@ PREFIX=${WEFT_LAB_PREFIX:-weft-lab}
 [[ "$PREFIX" =~ ^[a-z0-9][a-z0-9-]{0,12}$ ]] || { echo "WEFT_LAB_PREFIX must match [a-z0-9][a-z0-9-]{0,12}" >&2; exit 2; }
 export WEFT_NS_PREFIX=$PREFIX WEFT_LAB_PREFIX=$PREFIX
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
-WEFT="$TARGET/debug/weft"
-WEFT_CNI="$TARGET/debug/weft-cni"
+PROFILE=${WEFT_LAB_PROFILE:-debug}
+WEFT="$TARGET/$PROFILE/weft"
+WEFT_CNI="$TARGET/$PROFILE/weft-cni"
 
 log() { printf '[lab %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -70,7 +72,9 @@ cmd_up() {
   mkdir -p "$DIR"
   trap 'log "failed: tearing down"; cmd_down; exit 1' ERR INT TERM
   log "building weft and weft-cni"
-  (cd "$REPO" && cargo build -q -p weft -p weft-cni)
+  local release=()
+  [[ $PROFILE == release ]] && release=(--release)
+  (cd "$REPO" && cargo build -q "${release[@]}" -p weft -p weft-cni)
   log "Kubernetes components (built once, cached)"
   bash "$K8S/install.sh" >&2
   log "control plane + $nodes node namespaces"
@@ -97,7 +101,7 @@ EOF
       --metrics-addr "$ip:6784" --socket "$DIR/run/node$i/agent.sock" \
       --state-dir "$DIR/run/node$i" --underlay-ip "$ip" \
       --cluster-cidrs 10.244.0.0/16,fd00:10:244::/48,10.96.0.0/16,fd00:10:96::/112 \
-      --cni-conf-dir "$DIR/run/node$i/net.d" --cni-bin-dir "$TARGET/debug" ${WEFT_AGENT_ARGS:-}
+      --cni-conf-dir "$DIR/run/node$i/net.d" --cni-bin-dir "$TARGET/$PROFILE" ${WEFT_AGENT_ARGS:-}
     start_bg "kube-proxy-node$i" "$ns" "$bin/kube-proxy" \
       --kubeconfig "$DIR/cluster/kubeconfig/kube-proxy.kubeconfig" \
       --proxy-mode nftables --hostname-override "$n" \

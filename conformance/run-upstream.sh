@@ -25,6 +25,10 @@ CASES="$HERE/cases/upstream-netpol.yaml"
 
 [[ "$(id -u)" == 0 ]] || { echo "run-upstream: must run as root" >&2; exit 2; }
 (cd "$REPO" && cargo build -q -p weft -p weft-cni) || { echo "run-upstream: build failed"; exit 1; }
+# Pods are attached through libcni (cnitool), as a container runtime attaches them.
+WEFT_CNITOOL=$(bash "$HERE/cni/install-cnitool.sh") || { echo "run-upstream: cnitool build failed"; exit 1; }
+export WEFT_CNITOOL
+echo "run-upstream: plugins called through libcni: $WEFT_CNITOOL"
 mkdir -p "$OUT"
 
 run() { # name extra-args...

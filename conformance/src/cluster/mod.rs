@@ -756,8 +756,26 @@ impl ClusterTarget {
                 IpAddr::V6(a) => format!("{a}/64"),
             })
             .collect();
+        // Through libcni when cnitool is there (as a container runtime calls plugins): the
+        // network is a conflist in a per-node directory, the pinned addresses go in CAP_ARGS.
+        let netconf_dir = self.cluster.dir.join(format!("cni/node{node}"));
+        let conflist = json!({
+            "cniVersion": "1.1.0",
+            "name": "weft",
+            "plugins": [{
+                "type": "weft-cni",
+                "agentSocket": self.cluster.agent_socket(node),
+                "stateDir": self.cluster.dir.join(format!("run/node{node}")),
+                "capabilities": {"ips": true},
+            }],
+        });
+        let _ = std::fs::create_dir_all(&netconf_dir)
+            .and_then(|()| std::fs::write(netconf_dir.join("weft.conflist"), conflist.to_string()));
         CniCall {
             plugin: self.cluster.cni.clone(),
+            cnitool: cnitool(),
+            netconf_dir,
+            cap_args: json!({"ips": ips}).to_string(),
             node_ns: node_name(node),
             netns: netns::path(&live.netns),
             container_id: format!("cf-{}", live.uid),
@@ -922,9 +940,28 @@ impl ClusterTarget {
     }
 }
 
+/// libcni's cnitool (`conformance/cni/install-cnitool.sh` builds it): `$WEFT_CNITOOL`, else
+/// the cache path of the pinned version, if present.
+fn cnitool() -> Option<PathBuf> {
+    let path = std::env::var_os("WEFT_CNITOOL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("WEFT_CACHE")
+                .map_or_else(|| PathBuf::from("/var/cache/weft"), PathBuf::from);
+            cache.join("cnitool-v1.3.0/cnitool")
+        });
+    path.is_file().then_some(path)
+}
+
 /// One call of the plugin, prepared on the driver's thread and run on another.
 struct CniCall {
     plugin: PathBuf,
+    /// libcni's runtime; `None`: exec the plugin directly with the CNI environment.
+    cnitool: Option<PathBuf>,
+    /// Directory holding `weft.conflist` for cnitool.
+    netconf_dir: PathBuf,
+    /// `CAP_ARGS` for cnitool (runtimeConfig: the pinned addresses).
+    cap_args: String,
     node_ns: String,
     netns: PathBuf,
     container_id: String,
@@ -935,6 +972,33 @@ struct CniCall {
 impl CniCall {
     fn run(&self, command: &str) -> Result<String, String> {
         let cni_path = self.plugin.parent().unwrap_or(Path::new(".")).to_path_buf();
+        if let Some(tool) = &self.cnitool {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.node_ns])
+                .arg(tool)
+                .arg(command.to_lowercase())
+                .arg("weft")
+                .arg(&self.netns)
+                .env("NETCONFPATH", &self.netconf_dir)
+                .env("CNI_PATH", &cni_path)
+                .env("CNI_IFNAME", "eth0")
+                .env("CNI_ARGS", &self.args)
+                .env("CAP_ARGS", &self.cap_args)
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cnitool: {e}"))?;
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            return if out.status.success() {
+                Ok(stdout)
+            } else {
+                Err(format!(
+                    "cnitool {command} failed ({}): {} {}",
+                    out.status,
+                    stdout.trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            };
+        }
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.node_ns])
             .arg(&self.plugin)

@@ -1,9 +1,10 @@
 //! weft's NetworkPolicy case files and their runner (DESIGN.md §7, format in CASES.md).
 //!
-//! This crate owns the case-file format, truth tables, the replay rule and the reports. It must
-//! not touch a cluster or the kernel itself: a target does, through the [`runner::ClusterDriver`]
-//! and [`runner::Prober`] traits. [`oracle::Oracle`] is the in-memory target, backed by the
-//! policy evaluator of weft-netpol; the cluster harness is the real one.
+//! This crate owns the case-file format, truth tables, the replay rule and the reports. That
+//! logic never touches a cluster or the kernel: targets do, through the
+//! [`runner::ClusterDriver`] and [`runner::Prober`] traits. [`oracle::Oracle`] is the in-memory
+//! target, backed by the policy evaluator of weft-netpol; [`cluster`] is the real one (a
+//! cluster in network namespaces, pods attached through libcni and weft-cni).
 //!
 //! Flow: [`case::parse`] turns YAML into checked [`case::CaseFile`]s → [`runner::run_file`]
 //! sets each case up on a target, fills policy templates ([`template`]), applies steps, probes

@@ -364,9 +364,8 @@ impl Controller {
                 }
             }
             Phase::Running { engine } => {
-                for c in changes {
-                    ops.extend(engine.apply(c));
-                }
+                // One diff for the whole burst: each element moves at most once per transaction.
+                ops.extend(engine.apply_all(changes));
             }
         }
         if let Phase::Syncing { store, listed } = &self.phase

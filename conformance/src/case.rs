@@ -311,6 +311,30 @@ pub fn pinned_addresses(number: usize, k: usize) -> Option<PodAddresses> {
     })
 }
 
+/// Fills the addresses a pod spec leaves open with the first plan addresses (index `first_k`
+/// on) that no other pod uses; `None` when the plan is exhausted.
+pub fn fill_from_plan(
+    number: usize,
+    requested: PodAddresses,
+    first_k: usize,
+    used: &std::collections::BTreeSet<std::net::IpAddr>,
+) -> Option<PodAddresses> {
+    if requested.ipv4.is_some() && requested.ipv6.is_some() {
+        return Some(requested);
+    }
+    let planned = (first_k..=254)
+        .filter_map(|k| pinned_addresses(number, k))
+        .find(|p| {
+            Family::ALL
+                .iter()
+                .all(|f| p.get(*f).is_none_or(|ip| !used.contains(&ip)))
+        })?;
+    Some(PodAddresses {
+        ipv4: requested.ipv4.or(planned.ipv4),
+        ipv6: requested.ipv6.or(planned.ipv6),
+    })
+}
+
 /// A NetworkPolicy as the case writes it, templates unfilled. Parsed and checked at load time;
 /// [`PolicyTemplate::render`] fills the templates once pods have addresses.
 #[derive(Clone, Debug, PartialEq)]

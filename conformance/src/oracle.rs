@@ -19,7 +19,7 @@ use weft_netpol::eval::{self, Connection};
 use weft_netpol::model::{Cluster, ContainerPort, Namespace, ObjectKey, Pod, Policy};
 use weft_netpol::ruleset::{Family, Protocol};
 
-use crate::case::{Feature, PodAddresses, PodRef, PodSpec, Server, pinned_addresses};
+use crate::case::{Feature, PodAddresses, PodRef, PodSpec, Server};
 use crate::runner::{CaseSetup, ClusterDriver, DriverError, Observation, Prober};
 
 /// The evaluator as a cluster. Supports every feature tag.
@@ -55,22 +55,12 @@ impl Oracle {
             .numbers
             .get(&spec.pod.namespace)
             .ok_or_else(|| DriverError::new(what(), "its namespace does not exist"))?;
-        let mut addresses = PodAddresses {
+        let requested = PodAddresses {
             ipv4: spec.ip,
             ipv6: spec.ipv6,
         };
-        if addresses.ipv4.is_none() || addresses.ipv6.is_none() {
-            let planned = (1..=254)
-                .filter_map(|k| pinned_addresses(number, k))
-                .find(|a| {
-                    Family::ALL
-                        .iter()
-                        .all(|f| a.get(*f).is_none_or(|ip| !self.used.contains(&ip)))
-                })
-                .ok_or_else(|| DriverError::new(what(), "no free address in the plan"))?;
-            addresses.ipv4 = addresses.ipv4.or(planned.ipv4);
-            addresses.ipv6 = addresses.ipv6.or(planned.ipv6);
-        }
+        let addresses = crate::case::fill_from_plan(number, requested, 1, &self.used)
+            .ok_or_else(|| DriverError::new(what(), "no free address in the plan"))?;
         let ips: Vec<IpAddr> = Family::ALL
             .iter()
             .filter_map(|f| addresses.get(*f))

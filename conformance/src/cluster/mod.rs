@@ -45,7 +45,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use weft_netpol::ruleset::{Family, Protocol};
 
-use crate::case::{self, Feature, PodAddresses, PodRef, PodSpec, Server, pinned_addresses};
+use crate::case::{self, Feature, PodAddresses, PodRef, PodSpec, Server};
 use crate::command::{CommandError, RunArgs};
 use crate::report::Summary;
 use crate::runner::{CaseSetup, ClusterDriver, DriverError, Observation, Prober, RunOptions};
@@ -457,23 +457,13 @@ impl ClusterTarget {
             .numbers
             .get(&spec.pod.namespace)
             .ok_or_else(|| DriverError::new(what(), "its namespace is not in the case"))?;
-        let mut a = PodAddresses {
+        let requested = PodAddresses {
             ipv4: spec.ip,
             ipv6: spec.ipv6,
         };
-        if a.ipv4.is_none() || a.ipv6.is_none() {
-            // from k = 2: k = 1 is the node's tunnel address
-            let planned = (2..=254)
-                .filter_map(|k| pinned_addresses(number, k))
-                .find(|p| {
-                    Family::ALL
-                        .iter()
-                        .all(|f| p.get(*f).is_none_or(|ip| !self.used.contains(&ip)))
-                })
-                .ok_or_else(|| DriverError::new(what(), "no free address in the plan"))?;
-            a.ipv4 = a.ipv4.or(planned.ipv4);
-            a.ipv6 = a.ipv6.or(planned.ipv6);
-        }
+        // From k = 2: k = 1 is the node's tunnel address.
+        let a = crate::case::fill_from_plan(number, requested, 2, &self.used)
+            .ok_or_else(|| DriverError::new(what(), "no free address in the plan"))?;
         for f in Family::ALL {
             if let Some(ip) = a.get(f)
                 && self.used.contains(&ip)

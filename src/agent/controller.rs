@@ -106,6 +106,11 @@ impl Shared {
     }
 }
 
+/// Whether two uids can be the same pod (an empty uid, from an old runtime, matches any).
+fn same_pod(a: &str, b: &str) -> bool {
+    a.is_empty() || b.is_empty() || a == b
+}
+
 /// The controller's state machine.
 enum Phase {
     /// Collecting first lists; the kernel is left exactly as the previous process left it.
@@ -532,9 +537,19 @@ impl Controller {
                     out.push(Change::UpsertPod(p));
                 }
             }
-            WatchBody::CniReleased { pod } => {
-                if self.cni_ips.remove(&pod).is_some()
+            WatchBody::CniReleased { pod, uid } => {
+                // Names are reused: only forget what belongs to this uid (an old pod's DEL may
+                // arrive after its successor's ADD).
+                if self
+                    .cni_ips
+                    .get(&pod)
+                    .is_some_and(|(have, _)| same_pod(have, &uid))
+                {
+                    self.cni_ips.remove(&pod);
+                }
+                if !uid.is_empty()
                     && let Some(known) = self.current().pods.get(&pod)
+                    && known.uid == uid
                     && !known.ips.is_empty()
                 {
                     // Still in the API (being deleted): its addresses are free again.
@@ -547,7 +562,14 @@ impl Controller {
             WatchBody::Deleted(obj) => match obj {
                 Obj::Pod(p) => {
                     if let Some(pod) = Pod::from_api(&p) {
-                        self.cni_ips.remove(&pod.key);
+                        // The deleted pod's addresses, not a successor's of the same name.
+                        if self
+                            .cni_ips
+                            .get(&pod.key)
+                            .is_some_and(|(have, _)| same_pod(have, &pod.uid))
+                        {
+                            self.cni_ips.remove(&pod.key);
+                        }
                         out.push(Change::DeletePod(pod.key));
                     }
                 }
@@ -895,7 +917,10 @@ mod tests {
         // CNI DEL: the addresses go.
         c.step(vec![WatchMsg {
             kind: Kind::Pods,
-            body: WatchBody::CniReleased { pod: key },
+            body: WatchBody::CniReleased {
+                pod: key,
+                uid: "u1".into(),
+            },
             resource_version: None,
             received: Instant::now(),
         }]);
@@ -981,6 +1006,50 @@ mod tests {
         assert_eq!(
             kernel.lock().unwrap().dump(),
             Some(c.engine().unwrap().desired())
+        );
+    }
+
+    #[test]
+    fn a_reused_pod_name_keeps_the_new_pods_cni_addresses() {
+        // Regression (upstream suite, y/a recreated between cases): the old pod's deletion
+        // and DEL arrived after the new pod's ADD and wiped the new pod's addresses, so ADD
+        // waited in vain.
+        let (mut c, shared) = controller(None);
+        let mut old = pod("a", "10.244.1.2", "n1");
+        if let Obj::Pod(p) = &mut old {
+            p.metadata.uid = Some("old".into());
+        }
+        list_all(&mut c, vec![old.clone()], vec![]);
+        c.step(vec![msg(Kind::Nodes, WatchBody::Listed(vec![]), "10")]);
+        let key = ObjectKey::new("default", "a");
+        let new_ip: std::net::IpAddr = "10.244.1.7".parse().unwrap();
+        let cni = |body| WatchMsg {
+            kind: Kind::Pods,
+            body,
+            resource_version: None,
+            received: Instant::now(),
+        };
+        // The new pod's ADD comes first, then the old pod's DEL and deletion event, then the
+        // new pod from the API without an IP.
+        c.step(vec![cni(WatchBody::CniAttached {
+            pod: key.clone(),
+            uid: "new".into(),
+            ips: vec![new_ip],
+        })]);
+        c.step(vec![cni(WatchBody::CniReleased {
+            pod: key.clone(),
+            uid: "old".into(),
+        })]);
+        c.step(vec![msg(Kind::Pods, WatchBody::Deleted(old), "20")]);
+        let mut fresh = pod("a", "10.244.1.7", "n1");
+        if let Obj::Pod(p) = &mut fresh {
+            p.status = None;
+            p.metadata.uid = Some("new".into());
+        }
+        c.step(vec![msg(Kind::Pods, WatchBody::Applied(fresh), "21")]);
+        assert!(
+            shared.local_ips.lock().unwrap().contains(&new_ip),
+            "the new pod's addresses are enforced"
         );
     }
 

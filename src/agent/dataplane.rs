@@ -169,6 +169,7 @@ impl AgentGate {
     pub fn released(&self, pod: &PodRef) {
         self.send(WatchBody::CniReleased {
             pod: ObjectKey::new(&pod.namespace, &pod.name),
+            uid: pod.uid.clone(),
         });
     }
 }

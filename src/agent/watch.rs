@@ -91,6 +91,9 @@ pub enum WatchBody {
     CniReleased {
         /// The pod.
         pod: weft_netpol::model::ObjectKey,
+        /// Its uid from CNI_ARGS (may be empty): a pod name can be reused by a new pod before
+        /// the old one's DEL arrives.
+        uid: String,
     },
     /// Not from the API: an operator's question, answered on the controller thread.
     Query {

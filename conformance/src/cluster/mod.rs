@@ -943,6 +943,14 @@ fn cnitool() -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
+/// Whether a failed call is CNI's "try again later" (code 11): the JSON error when the plugin
+/// runs directly, libcni's message (which keeps only `msg`) through cnitool.
+fn try_again_later(error: &str) -> bool {
+    error.contains("\"code\":11")
+        || error.contains("\"code\": 11")
+        || error.contains("not in place in time")
+}
+
 /// One call of the plugin, prepared on the driver's thread and run on another.
 struct CniCall {
     plugin: PathBuf,
@@ -1024,8 +1032,24 @@ impl CniCall {
         }
     }
 
+    /// ADD as the kubelet does it: a "try again later" answer (CNI code 11: the agent had not
+    /// got the pod's policy into the kernel within its bounded wait) is followed by DEL and a
+    /// new ADD, at most three times.
     fn add(&self) -> Result<Vec<IpAddr>, String> {
-        let out = self.run("ADD")?;
+        let mut attempt = 0;
+        let out = loop {
+            attempt += 1;
+            match self.run("ADD") {
+                Ok(out) => break out,
+                Err(e) if attempt < 3 && try_again_later(&e) => {
+                    eprintln!(
+                        "[conformance] CNI ADD attempt {attempt}: {e}; DEL and retry, as a runtime does"
+                    );
+                    let _ = self.run("DEL");
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let v: serde_json::Value =
             serde_json::from_str(&out).map_err(|e| format!("ADD result {out:?}: {e}"))?;
         Ok(v.get("ips")

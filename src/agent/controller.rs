@@ -344,6 +344,18 @@ impl Controller {
             self.translate(msg, &mut changes);
             nodes_changed |= node_msg;
         }
+        // Translation reads the store as it was before this batch, so a pod that the API
+        // (re)created earlier in the batch than its CNI ADD arrived has not got ADD's addresses
+        // yet: give every upsert still without addresses the ones ADD gave its uid.
+        for change in &mut changes {
+            if let Change::UpsertPod(p) = change
+                && p.ips.is_empty()
+                && let Some((uid, ips)) = self.cni_ips.get(&p.key)
+                && same_pod(uid, &p.uid)
+            {
+                p.ips = ips.clone();
+            }
+        }
         self.uids_dirty |= changes
             .iter()
             .any(|c| matches!(c, Change::UpsertPod(_) | Change::DeletePod(_)));
@@ -1051,6 +1063,40 @@ mod tests {
             shared.local_ips.lock().unwrap().contains(&new_ip),
             "the new pod's addresses are enforced"
         );
+    }
+
+    #[test]
+    fn a_recreated_pod_and_its_cni_add_in_one_batch_get_its_addresses() {
+        // Regression (upstream suite, y/a recreated): deletion of the old pod, creation of the
+        // new one and the new pod's CNI ADD coalesced into one batch, ADD last.
+        let (mut c, shared) = controller(None);
+        let mut old = pod("a", "10.244.1.2", "n1");
+        if let Obj::Pod(p) = &mut old {
+            p.metadata.uid = Some("old".into());
+        }
+        list_all(&mut c, vec![old.clone()], vec![]);
+        c.step(vec![msg(Kind::Nodes, WatchBody::Listed(vec![]), "10")]);
+        let mut fresh = pod("a", "10.244.1.2", "n1");
+        if let Obj::Pod(p) = &mut fresh {
+            p.status = None;
+            p.metadata.uid = Some("new".into());
+        }
+        let ip: std::net::IpAddr = "10.244.1.2".parse().unwrap();
+        c.step(vec![
+            msg(Kind::Pods, WatchBody::Deleted(old), "20"),
+            msg(Kind::Pods, WatchBody::Applied(fresh), "21"),
+            WatchMsg {
+                kind: Kind::Pods,
+                body: WatchBody::CniAttached {
+                    pod: ObjectKey::new("default", "a"),
+                    uid: "new".into(),
+                    ips: vec![ip],
+                },
+                resource_version: None,
+                received: Instant::now(),
+            },
+        ]);
+        assert!(shared.local_ips.lock().unwrap().contains(&ip));
     }
 
     #[test]

@@ -121,17 +121,23 @@ pub enum Admission {
     /// The Node publishes another identity key.
     #[error("node {0} presented an identity key other than the one it publishes")]
     KeyMismatch(NodeName),
+    /// Published keys are required and this Node publishes none (yet).
+    #[error("node {0} publishes no mesh identity key (yet)")]
+    NoPublishedKey(NodeName),
 }
 
 /// Who may connect: the member nodes and, where known, each one's published identity key.
 ///
 /// Until [`PeerDirectory::set_members`] is called any name is admitted (the cluster secret
 /// still gates everyone). A node without a published key is authenticated by the cluster
-/// secret only; a node with one must present it.
+/// secret only, unless [`PeerDirectory::require_published_keys`] is on (the agent turns it
+/// on: a peer must prove the secret *and* present the key its Node object publishes); a node
+/// with one must present it.
 #[derive(Debug, Default)]
 pub struct PeerDirectory {
     members: Mutex<Option<BTreeSet<NodeName>>>,
     keys: Mutex<BTreeMap<NodeName, [u8; KEY_LEN]>>,
+    require_keys: std::sync::atomic::AtomicBool,
 }
 
 impl PeerDirectory {
@@ -149,6 +155,18 @@ impl PeerDirectory {
             .insert(node, key);
     }
 
+    /// Replaces every published key at once (from the Node objects' annotations): a key
+    /// withdrawn or changed on the Node is withdrawn or changed here.
+    pub fn replace_keys(&self, keys: impl IntoIterator<Item = (NodeName, [u8; KEY_LEN])>) {
+        *self.keys.lock().unwrap_or_else(|e| e.into_inner()) = keys.into_iter().collect();
+    }
+
+    /// Refuse members that publish no key (instead of trusting the cluster secret alone).
+    pub fn require_published_keys(&self, on: bool) {
+        self.require_keys
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Whether `node` presenting `identity` may connect.
     pub fn admit(&self, node: &NodeName, identity: &[u8; KEY_LEN]) -> Result<(), Admission> {
         if let Some(m) = &*self.members.lock().unwrap_or_else(|e| e.into_inner())
@@ -163,7 +181,11 @@ impl PeerDirectory {
             .get(node)
         {
             Some(k) if k != identity => Err(Admission::KeyMismatch(node.clone())),
-            _ => Ok(()),
+            Some(_) => Ok(()),
+            None if self.require_keys.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(Admission::NoPublishedKey(node.clone()))
+            }
+            None => Ok(()),
         }
     }
 }
@@ -220,6 +242,18 @@ mod tests {
         assert_eq!(
             d.admit(&name("x"), &[1; 32]),
             Err(Admission::NotMember(name("x")))
+        );
+        d.require_published_keys(true);
+        assert_eq!(
+            d.admit(&name("a"), &[1; 32]),
+            Err(Admission::NoPublishedKey(name("a")))
+        );
+        d.replace_keys([(name("a"), [1; 32])]);
+        assert_eq!(d.admit(&name("a"), &[1; 32]), Ok(()));
+        assert_eq!(
+            d.admit(&name("b"), &[2; 32]),
+            Err(Admission::NoPublishedKey(name("b"))),
+            "b's key withdrawn"
         );
     }
 }

@@ -25,6 +25,11 @@ pub enum MeshMessage {
         /// The device is up and configured.
         ready: bool,
     },
+    /// A path probe (heartbeat): the receiver answers with [`MeshMessage::ProbeAck`] of the
+    /// same sequence number; the sender's [`crate::path::PathTable`] counts the answer.
+    Probe(u64),
+    /// The answer to [`MeshMessage::Probe`].
+    ProbeAck(u64),
 }
 
 impl MeshMessage {
@@ -50,6 +55,14 @@ impl MeshMessage {
                 out.extend_from_slice(public_key);
                 out.extend_from_slice(&port.to_be_bytes());
                 out.push(u8::from(*ready));
+            }
+            MeshMessage::Probe(seq) => {
+                out.push(3);
+                out.extend_from_slice(&seq.to_be_bytes());
+            }
+            MeshMessage::ProbeAck(seq) => {
+                out.push(4);
+                out.extend_from_slice(&seq.to_be_bytes());
             }
         }
         out
@@ -87,6 +100,8 @@ impl MeshMessage {
                 port: u16::from_be_bytes(r.array()?),
                 ready: bool_of(r.u8()?)?,
             },
+            3 => MeshMessage::Probe(u64::from_be_bytes(r.array()?)),
+            4 => MeshMessage::ProbeAck(u64::from_be_bytes(r.array()?)),
             k => return Err(WireError::UnknownKind(k)),
         };
         r.finish()?;
@@ -112,6 +127,8 @@ mod tests {
                 port: 51820,
                 ready: true,
             },
+            MeshMessage::Probe(7),
+            MeshMessage::ProbeAck(u64::MAX),
         ] {
             assert_eq!(MeshMessage::decode(&m.encode()), Ok(m));
         }
@@ -151,5 +168,10 @@ mod tests {
             Err(WireError::BadName)
         );
         assert_eq!(MeshMessage::decode(&[7]), Err(WireError::UnknownKind(7)));
+        assert_eq!(
+            MeshMessage::decode(&[3, 0, 0, 0]),
+            Err(WireError::Truncated("mesh message"))
+        );
+        assert!(MeshMessage::decode(&[4, 0, 0, 0, 0, 0, 0, 0, 1, 9]).is_err());
     }
 }

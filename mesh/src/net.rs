@@ -95,6 +95,17 @@ impl PeerLink {
         self.tx.send(Input::Send(payload)).await.is_ok()
     }
 
+    /// Whether the connection's task has ended (its link can be dropped).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Queues an application message without waiting; `false` if the connection is gone or
+    /// its queue is full (the message is dropped: probes and reports are resent anyway).
+    pub fn try_send(&self, payload: Vec<u8>) -> bool {
+        self.tx.try_send(Input::Send(payload)).is_ok()
+    }
+
     /// Closes the connection in order.
     pub async fn close(&self) {
         let _ = self.tx.send(Input::Close).await;

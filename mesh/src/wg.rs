@@ -226,12 +226,125 @@ impl DeviceConfig {
     }
 }
 
+/// A digest of a configuration text (FNV-1a, 64 bits, hex): `weft-wg` reports the digest of
+/// the configuration it applied, so the agent knows its last write is live. Not a MAC: it
+/// only tells versions apart.
+pub fn config_digest(text: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// One peer in [`DeviceStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// Its public key.
+    pub public_key: [u8; 32],
+    /// Milliseconds since the last completed WireGuard handshake (`None`: never).
+    pub handshake_age_ms: Option<u64>,
+    /// Bytes received from it.
+    pub rx_bytes: u64,
+    /// Bytes sent to it.
+    pub tx_bytes: u64,
+}
+
+/// What `weft-wg` reports in its status file (`<config>.status`, rewritten atomically after
+/// every apply and every few seconds):
+///
+/// ```text
+/// public_key = <base64>
+/// listen_port = 51820
+/// applied = <config_digest of the applied configuration>
+/// peer = <base64> <handshake age ms or -> <rx bytes> <tx bytes>
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceStatus {
+    /// The device's public key.
+    pub public_key: [u8; 32],
+    /// Its UDP port.
+    pub listen_port: u16,
+    /// Digest of the configuration text last applied.
+    pub applied: String,
+    /// Its peers.
+    pub peers: Vec<PeerStatus>,
+}
+
+impl DeviceStatus {
+    /// The status file's text.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "public_key = {}\nlisten_port = {}\napplied = {}\n",
+            encode_key(&self.public_key),
+            self.listen_port,
+            self.applied
+        );
+        for p in &self.peers {
+            let age = p
+                .handshake_age_ms
+                .map_or_else(|| "-".to_string(), |a| a.to_string());
+            s.push_str(&format!(
+                "peer = {} {age} {} {}\n",
+                encode_key(&p.public_key),
+                p.rx_bytes,
+                p.tx_bytes
+            ));
+        }
+        s
+    }
+
+    /// Parses a status file (strict, like the configuration).
+    pub fn parse(text: &str) -> Result<DeviceStatus, String> {
+        let (mut public_key, mut listen_port, mut applied) = (None, None, None);
+        let mut peers = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let (k, v) = line
+                .split_once('=')
+                .map(|(k, v)| (k.trim(), v.trim()))
+                .ok_or_else(|| format!("line {}: not key = value", i + 1))?;
+            match k {
+                "public_key" => public_key = Some(decode_key(v)?),
+                "listen_port" => {
+                    listen_port = Some(v.parse::<u16>().map_err(|e| format!("listen_port: {e}"))?)
+                }
+                "applied" => applied = Some(v.to_string()),
+                "peer" => {
+                    let f: Vec<&str> = v.split_whitespace().collect();
+                    let [key, age, rx, tx] = f[..] else {
+                        return Err(format!("line {}: peer needs 4 fields", i + 1));
+                    };
+                    let num =
+                        |s: &str| s.parse::<u64>().map_err(|e| format!("line {}: {e}", i + 1));
+                    peers.push(PeerStatus {
+                        public_key: decode_key(key)?,
+                        handshake_age_ms: if age == "-" { None } else { Some(num(age)?) },
+                        rx_bytes: num(rx)?,
+                        tx_bytes: num(tx)?,
+                    });
+                }
+                other => return Err(format!("line {}: unknown key {other}", i + 1)),
+            }
+        }
+        Ok(DeviceStatus {
+            public_key: public_key.ok_or("no public_key")?,
+            listen_port: listen_port.ok_or("no listen_port")?,
+            applied: applied.ok_or("no applied")?,
+            peers,
+        })
+    }
+}
+
 /// The userspace device (gotatun).
 #[cfg(feature = "userspace-wg")]
 pub mod userspace {
     use std::future::Future;
 
-    use gotatun::device::{DeviceBuilder, Peer};
+    use gotatun::device::{DefaultDeviceTransports, Device, DeviceBuilder, Peer};
     use gotatun::x25519::{PublicKey, StaticSecret};
     use ipnetwork::IpNetwork;
     use ring::rand::SecureRandom;
@@ -265,6 +378,128 @@ pub mod userspace {
         PublicKey::from(&StaticSecret::from(*private)).to_bytes()
     }
 
+    fn peer_of(p: &super::PeerConfig) -> Result<Peer, DeviceError> {
+        let mut peer = Peer::new(PublicKey::from(p.public_key));
+        for (addr, len) in &p.allowed_ips {
+            let net = IpNetwork::new(*addr, *len)
+                .map_err(|e| DeviceError::AllowedIp(format!("{addr}/{len}"), e.to_string()))?;
+            peer = peer.with_allowed_ip(net);
+        }
+        if let Some(e) = p.endpoint {
+            peer = peer.with_endpoint(e);
+        }
+        peer.keepalive = p.persistent_keepalive;
+        Ok(peer)
+    }
+
+    /// A running device.
+    pub struct Running {
+        device: Device<DefaultDeviceTransports>,
+        current: DeviceConfig,
+    }
+
+    impl Running {
+        /// Brings up the device on TUN `interface` (the caller configures the interface's
+        /// addresses and routes).
+        pub async fn start(cfg: &DeviceConfig, interface: &str) -> Result<Running, DeviceError> {
+            let peers = cfg
+                .peers
+                .iter()
+                .map(peer_of)
+                .collect::<Result<Vec<_>, _>>()?;
+            let device = DeviceBuilder::new()
+                .with_default_udp()
+                .create_tun(interface)
+                .map_err(|e| DeviceError::Device(e.to_string()))?
+                .with_private_key(StaticSecret::from(cfg.private_key))
+                .with_listen_port(cfg.listen_port)
+                .with_peers(peers)
+                .build()
+                .await
+                .map_err(|e| DeviceError::Device(e.to_string()))?;
+            Ok(Running {
+                device,
+                current: cfg.clone(),
+            })
+        }
+
+        /// Applies a new configuration live: peers gone are removed, new or changed peers
+        /// added or updated in place (sessions of unchanged peers are kept), the port and key
+        /// changed if they differ. The TUN device stays up throughout.
+        pub async fn apply(&mut self, cfg: &DeviceConfig) -> Result<usize, DeviceError> {
+            let peers = cfg
+                .peers
+                .iter()
+                .map(peer_of)
+                .collect::<Result<Vec<_>, _>>()?;
+            let wanted: std::collections::BTreeSet<[u8; 32]> =
+                cfg.peers.iter().map(|p| p.public_key).collect();
+            let old = &self.current;
+            let gone: Vec<[u8; 32]> = old
+                .peers
+                .iter()
+                .map(|p| p.public_key)
+                .filter(|k| !wanted.contains(k))
+                .collect();
+            let changed: Vec<Peer> = cfg
+                .peers
+                .iter()
+                .zip(peers)
+                .filter(|(p, _)| !old.peers.contains(p))
+                .map(|(_, peer)| peer)
+                .collect();
+            let n = gone.len() + changed.len();
+            let (key, port) = (cfg.private_key, cfg.listen_port);
+            let (key_changed, port_changed) = (key != old.private_key, port != old.listen_port);
+            self.device
+                .write(async |w| {
+                    for k in &gone {
+                        w.remove_peer(&PublicKey::from(*k)).await;
+                    }
+                    w.add_or_update_peers(changed).await;
+                    if port_changed {
+                        w.set_listen_port(port);
+                    }
+                    if key_changed {
+                        w.set_private_key(StaticSecret::from(key)).await;
+                    }
+                })
+                .await
+                .map_err(|e| DeviceError::Device(e.to_string()))?;
+            self.current = cfg.clone();
+            Ok(n)
+        }
+
+        /// The device's status (for the status file).
+        pub async fn status(&self, applied: &str) -> super::DeviceStatus {
+            let peers = self.device.peers().await;
+            super::DeviceStatus {
+                public_key: public_key(&self.current.private_key),
+                listen_port: self.current.listen_port,
+                applied: applied.to_string(),
+                peers: peers
+                    .into_iter()
+                    .map(|p| super::PeerStatus {
+                        public_key: p.peer.public_key.to_bytes(),
+                        handshake_age_ms: p.stats.last_handshake.map(|d| d.as_millis() as u64),
+                        rx_bytes: p.stats.rx_bytes as u64,
+                        tx_bytes: p.stats.tx_bytes as u64,
+                    })
+                    .collect(),
+            }
+        }
+
+        /// Waits until the device fails.
+        pub async fn failed(&mut self) {
+            self.device.wait().await
+        }
+
+        /// Stops the device (the TUN device goes away with it).
+        pub async fn stop(self) {
+            self.device.stop().await
+        }
+    }
+
     /// Brings up the device on TUN `interface` and runs it until `shutdown` completes (or
     /// the device fails). The caller configures the interface's addresses and routes.
     pub async fn run(
@@ -272,38 +507,14 @@ pub mod userspace {
         interface: &str,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), DeviceError> {
-        let mut peers = Vec::new();
-        for p in &cfg.peers {
-            let mut peer = Peer::new(PublicKey::from(p.public_key));
-            for (addr, len) in &p.allowed_ips {
-                let net = IpNetwork::new(*addr, *len)
-                    .map_err(|e| DeviceError::AllowedIp(format!("{addr}/{len}"), e.to_string()))?;
-                peer = peer.with_allowed_ip(net);
-            }
-            if let Some(e) = p.endpoint {
-                peer = peer.with_endpoint(e);
-            }
-            peer.keepalive = p.persistent_keepalive;
-            peers.push(peer);
-        }
-        let device = DeviceBuilder::new()
-            .with_default_udp()
-            .create_tun(interface)
-            .map_err(|e| DeviceError::Device(e.to_string()))?
-            .with_private_key(StaticSecret::from(cfg.private_key))
-            .with_listen_port(cfg.listen_port)
-            .with_peers(peers)
-            .build()
-            .await
-            .map_err(|e| DeviceError::Device(e.to_string()))?;
-        let mut device = device;
+        let mut running = Running::start(cfg, interface).await?;
         tokio::select! {
-            () = device.wait() => {
-                device.stop().await;
+            () = running.failed() => {
+                running.stop().await;
                 Err(DeviceError::Fatal)
             }
             () = shutdown => {
-                device.stop().await;
+                running.stop().await;
                 Ok(())
             }
         }
@@ -381,6 +592,34 @@ mod tests {
             )),
             Err(ConfigError::Line { line: 0, .. })
         ));
+    }
+
+    #[test]
+    fn status_files_round_trip_and_digests_tell_versions_apart() {
+        let st = DeviceStatus {
+            public_key: decode_key(KEY_A).expect("key"),
+            listen_port: 51820,
+            applied: config_digest("x"),
+            peers: vec![
+                PeerStatus {
+                    public_key: decode_key(KEY_B).expect("key"),
+                    handshake_age_ms: Some(1200),
+                    rx_bytes: 3,
+                    tx_bytes: 4,
+                },
+                PeerStatus {
+                    public_key: decode_key(KEY_A).expect("key"),
+                    handshake_age_ms: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                },
+            ],
+        };
+        assert_eq!(DeviceStatus::parse(&st.render()), Ok(st));
+        assert_ne!(config_digest("a"), config_digest("b"));
+        assert_eq!(config_digest("a").len(), 16);
+        assert!(DeviceStatus::parse("listen_port = 1\n").is_err());
+        assert!(DeviceStatus::parse("public_key = x\n").is_err());
     }
 
     #[cfg(feature = "userspace-wg")]

@@ -3,15 +3,26 @@
 //! sets the device's addresses and routes.
 //!
 //! ```text
-//! weft-wg run --config /var/lib/weft/wg.conf [--interface wgweft]
+//! weft-wg run --config /var/lib/weft/wg/wgweft.conf [--interface wgweft]
 //! weft-wg genkey            # a private key, base64
 //! weft-wg pubkey < private  # its public key
 //! ```
+//!
+//! Live reload: the configuration file is re-read on SIGHUP and whenever its content changes
+//! (checked every 250 ms), and applied to the running device (peers added, updated or
+//! removed; the TUN device and unchanged peers' sessions stay up). A configuration that does
+//! not parse is logged and ignored: the device keeps the last good one. Until the file exists
+//! (the agent writes it), `weft-wg` waits. After every apply and every 2 s it writes
+//! `<config>.status` ([`weft_mesh::wg::DeviceStatus`]): its public key, port, the digest of
+//! the configuration applied, and per peer the age of the last handshake.
 
 use std::io::Read as _;
 use std::process::ExitCode;
 
-use weft_mesh::wg::{DeviceConfig, decode_key, encode_key, userspace};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use weft_mesh::wg::{DeviceConfig, config_digest, decode_key, encode_key, userspace};
 
 /// Default TUN device name (not `weft…`: the policy engine treats those as pod interfaces).
 const DEFAULT_INTERFACE: &str = "wgweft";
@@ -73,36 +84,120 @@ fn main() -> ExitCode {
     }
 }
 
+fn log(msg: &str) {
+    eprintln!("weft-wg: {msg}");
+}
+
+/// Writes `path` atomically (temporary file in the same directory, then rename).
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("status.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
 fn run(config: &str, interface: &str) -> Result<(), String> {
-    let text = std::fs::read_to_string(config).map_err(|e| format!("{config}: {e}"))?;
-    let cfg = DeviceConfig::parse(&text).map_err(|e| format!("{config}: {e}"))?;
+    let config = PathBuf::from(config);
+    let status_path = PathBuf::from(format!("{}.status", config.display()));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
     rt.block_on(async {
-        let shutdown = async {
-            use tokio::signal::unix::{SignalKind, signal};
-            match (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
-                (Ok(mut term), Ok(mut int)) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
+        use tokio::signal::unix::{SignalKind, signal};
+        let (mut term, mut int, mut hup) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+            _ => return Err("cannot install signal handlers".to_string()),
+        };
+        // Wait for the first configuration (the agent writes it).
+        let mut waited = 0u64;
+        let (text, cfg) = loop {
+            match std::fs::read_to_string(&config) {
+                Ok(text) => match DeviceConfig::parse(&text) {
+                    Ok(cfg) => break (text, cfg),
+                    Err(e) => return Err(format!("{}: {e}", config.display())),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if waited % 60_000 == 0 {
+                        log(&format!("waiting for {} (the agent writes it)", config.display()));
                     }
                 }
-                _ => std::future::pending::<()>().await,
+                Err(e) => return Err(format!("{}: {e}", config.display())),
+            }
+            tokio::select! {
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+                () = tokio::time::sleep(Duration::from_millis(250)) => waited += 250,
             }
         };
-        eprintln!(
-            "weft-wg: starting {interface}, port {}, {} peer(s)",
+        log(&format!(
+            "starting {interface}, port {}, {} peer(s)",
             cfg.listen_port,
             cfg.peers.len()
-        );
-        userspace::run(&cfg, interface, shutdown)
+        ));
+        let mut running = userspace::Running::start(&cfg, interface)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        let mut applied_text = text;
+        let mut applied = config_digest(&applied_text);
+        let mut poll = tokio::time::interval(Duration::from_millis(250));
+        let mut report = tokio::time::interval(Duration::from_secs(2));
+        let mut status_dirty = true;
+        let result = loop {
+            let mut check = false;
+            tokio::select! {
+                _ = term.recv() => break Ok(()),
+                _ = int.recv() => break Ok(()),
+                () = running.failed() => break Err("the WireGuard device failed".to_string()),
+                _ = hup.recv() => { log("SIGHUP: reloading"); check = true; }
+                _ = poll.tick() => check = true,
+                _ = report.tick() => status_dirty = true,
+            }
+            if check {
+                match std::fs::read_to_string(&config) {
+                    Ok(text) if text != applied_text => {
+                        // Each text is tried once: a bad one is reported once, not every 250 ms.
+                        applied_text.clone_from(&text);
+                        match DeviceConfig::parse(&text) {
+                            Ok(cfg) => match running.apply(&cfg).await {
+                                Ok(n) => {
+                                    log(&format!(
+                                        "configuration reloaded: {} peer(s), {n} added, changed or removed",
+                                        cfg.peers.len()
+                                    ));
+                                    applied = config_digest(&text);
+                                    status_dirty = true;
+                                }
+                                Err(e) => log(&format!(
+                                    "reload failed, keeping the previous configuration: {e}"
+                                )),
+                            },
+                            Err(e) => log(&format!(
+                                "{}: {e}; keeping the previous configuration",
+                                config.display()
+                            )),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => log(&format!(
+                        "{}: {e}; keeping the previous configuration",
+                        config.display()
+                    )),
+                }
+            }
+            if status_dirty {
+                status_dirty = false;
+                let st = running.status(&applied).await;
+                if let Err(e) = write_atomically(&status_path, &st.render()) {
+                    log(&format!("{}: {e}", status_path.display()));
+                }
+            }
+        };
+        let _ = std::fs::remove_file(&status_path);
+        running.stop().await;
+        result
     })
 }

@@ -54,6 +54,7 @@ pub mod backend;
 pub mod dump;
 pub mod error;
 pub mod expr;
+pub mod monitor;
 pub mod netlink;
 pub mod set;
 mod sys;

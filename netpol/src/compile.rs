@@ -27,13 +27,155 @@ use crate::model::{
     PortSpec, family_of,
 };
 use crate::ruleset::{
-    Action, AddrField, BaseHook, Chain, ChainDef, ChainPolicy, ChainType, CtState, Family, Hook,
-    IfaceField, Key, KeyField, MAX_NAME_BYTES, Match, Protocol, Rule, Ruleset, Set, SetDef, Value,
-    Verdict, fit_comment, object_name, short_hash,
+    Action, AddrField, BaseHook, Chain, ChainDef, ChainPolicy, ChainType, CtMarkField, CtState,
+    Family, Hook, IfaceField, Key, KeyField, LogSpec, MAX_COMMENT_BYTES, MAX_LOG_PREFIX_BYTES,
+    MAX_NAME_BYTES, Match, Protocol, Rule, Ruleset, Set, SetDef, Value, Verdict, fit_comment,
+    object_name, short_hash,
 };
 
 /// Name prefix of the host side of every pod's veth.
 pub const POD_IFACE_PREFIX: &str = "weft";
+
+/// Where the ids of the admitting rules go in a connection's conntrack mark.
+///
+/// Two contiguous fields of `bits` bits each: the ingress rule id at `shift`, the egress rule
+/// id just above it. Every other bit of the mark is left as it was (kube-proxy and others use
+/// marks too). Id 0 in a field means no rule of this node admitted the connection in that
+/// direction: the pod is not isolated for it, the other end's node judged it, or the traffic
+/// is between a pod and its own node (which never crosses the forward hook).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MarkLayout {
+    /// Bit position of the ingress field; the egress field starts at `shift + bits`.
+    pub shift: u32,
+    /// Width of each field, 1..=16 bits; ids run from 1 to `2^bits - 1`.
+    pub bits: u32,
+}
+
+impl Default for MarkLayout {
+    /// 12 + 12 bits from bit 8: ingress `0x000fff00`, egress `0xfff00000`.
+    fn default() -> MarkLayout {
+        MarkLayout { shift: 8, bits: 12 }
+    }
+}
+
+impl MarkLayout {
+    /// A layout, if both fields fit in 32 bits.
+    pub fn new(shift: u32, bits: u32) -> Result<MarkLayout, String> {
+        if !(1..=16).contains(&bits) || shift + 2 * bits > 32 {
+            return Err(format!(
+                "conntrack mark layout shift {shift} bits {bits}: two fields of 1..=16 bits must fit in 32 bits"
+            ));
+        }
+        Ok(MarkLayout { shift, bits })
+    }
+
+    /// The bits of one direction's field.
+    pub fn field(self, direction: Direction) -> u32 {
+        let ones = (1u32 << self.bits) - 1;
+        match direction {
+            Direction::Ingress => ones << self.shift,
+            Direction::Egress => ones << (self.shift + self.bits),
+        }
+    }
+
+    /// The largest id a field holds.
+    pub fn max_id(self) -> u32 {
+        (1u32 << self.bits) - 1
+    }
+
+    /// The id one direction's field of `mark` holds (0: none).
+    pub fn id(self, mark: u32, direction: Direction) -> u32 {
+        let shift = match direction {
+            Direction::Ingress => self.shift,
+            Direction::Egress => self.shift + self.bits,
+        };
+        (mark & self.field(direction)) >> shift
+    }
+
+    /// The statement that writes `id` into one direction's field.
+    pub fn write(self, direction: Direction, id: u32) -> CtMarkField {
+        let field = self.field(direction);
+        CtMarkField {
+            field,
+            value: (id << field.trailing_zeros()) & field,
+        }
+    }
+}
+
+/// The rate-limited nflog statement before each group chain's final drop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DropLog {
+    /// nflog group.
+    pub group: u16,
+    /// Packets per second logged, per group chain.
+    pub rate_per_second: u64,
+    /// Burst.
+    pub burst: u32,
+}
+
+/// What the compiled table records about the traffic it judges, besides verdicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Observability {
+    /// Conntrack marks naming the admitting rules (`None`: accept rules leave marks alone).
+    pub marks: Option<MarkLayout>,
+    /// Log denied new connections (`None`: only counted).
+    pub drop_log: Option<DropLog>,
+}
+
+impl Default for Observability {
+    /// Marks on with the default layout, no drop log.
+    fn default() -> Observability {
+        Observability {
+            marks: Some(MarkLayout::default()),
+            drop_log: None,
+        }
+    }
+}
+
+static OBSERVABILITY: std::sync::OnceLock<Observability> = std::sync::OnceLock::new();
+
+/// Sets this process's [`Observability`] once, before anything is compiled (the agent does it
+/// from its flags). Everything compiled afterwards, from scratch or incrementally, uses it; a
+/// second call is refused so that two parts of one process never disagree about the table.
+pub fn configure(o: Observability) -> Result<(), String> {
+    OBSERVABILITY
+        .set(o)
+        .map_err(|_| "the compiler's observability settings were already fixed".to_string())?;
+    Ok(())
+}
+
+/// This process's [`Observability`] ([`Observability::default`] unless [`configure`]d).
+pub fn observability() -> Observability {
+    OBSERVABILITY.get().copied().unwrap_or_default()
+}
+
+/// The node-local id of one policy rule entry (rule `ri`, peer `pi`, port `qi` of one direction
+/// of one policy): 1..=`max_id`, derived from that position alone, so the same entry has the
+/// same id in every process and after every restart (adoption sees no difference) and other
+/// policies coming and going never move it. Distinct entries may share an id (a field of 12
+/// bits holds 4095): `weft flows` then confirms which of them admits the connection.
+pub fn rule_id(
+    policy: &Policy,
+    direction: Direction,
+    ri: usize,
+    pi: Option<usize>,
+    qi: Option<usize>,
+    max_id: u32,
+) -> u32 {
+    let text = format!(
+        "{}:{}:{ri}:{}:{}",
+        policy.key,
+        direction.short(),
+        pi.map_or(-1, |i| i as i64),
+        qi.map_or(-1, |i| i as i64)
+    );
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    1 + (h % u64::from(max_id.max(1))) as u32
+}
 
 /// Names of the fixed objects of the table (no prefix inside our own table).
 pub mod names {
@@ -424,6 +566,17 @@ pub fn group_chain(
     policies: &[&Policy],
     direction: Direction,
 ) -> Chain {
+    group_chain_with(name, policy_chains, policies, direction, observability())
+}
+
+/// [`group_chain`] with explicit [`Observability`] settings.
+pub fn group_chain_with(
+    name: &str,
+    policy_chains: &[String],
+    policies: &[&Policy],
+    direction: Direction,
+    obs: Observability,
+) -> Chain {
     let mut rules: Vec<Rule> = policy_chains
         .iter()
         .map(|c| Rule {
@@ -434,6 +587,24 @@ pub fn group_chain(
         })
         .collect();
     let who: Vec<String> = policies.iter().map(|p| p.key.to_string()).collect();
+    if let Some(log) = obs.drop_log {
+        let mut prefix = format!("weft-drop {name} ");
+        prefix.truncate(MAX_LOG_PREFIX_BYTES);
+        rules.push(Rule {
+            matches: vec![],
+            counter: false,
+            action: Action::LogLimited(LogSpec {
+                rate_per_second: log.rate_per_second,
+                burst: log.burst,
+                group: log.group,
+                prefix,
+            }),
+            comment: Some(fit_comment(&format!(
+                "log denied new {} connections (rate-limited)",
+                direction.api_name()
+            ))),
+        });
+    }
     rules.push(Rule {
         matches: vec![],
         counter: true,
@@ -459,6 +630,15 @@ pub fn group_chain(
 /// from anyone on a numbered port is family-independent and written once. A rule whose peers or
 /// ports were all unusable writes nothing (fail closed).
 pub fn policy_chain(policy: &Policy, direction: Direction) -> (Chain, BTreeSet<(SetSpec, Family)>) {
+    policy_chain_with(policy, direction, observability())
+}
+
+/// [`policy_chain`] with explicit [`Observability`] settings.
+pub fn policy_chain_with(
+    policy: &Policy,
+    direction: Direction,
+    obs: Observability,
+) -> (Chain, BTreeSet<(SetSpec, Family)>) {
     let mut rules = Vec::new();
     let mut refs = BTreeSet::new();
     let subject = policy.subject_selection();
@@ -468,7 +648,15 @@ pub fn policy_chain(policy: &Policy, direction: Direction) -> (Chain, BTreeSet<(
         .iter()
         .enumerate()
     {
-        emit_rule(policy, direction, ri, rule, &subject, &mut rules, &mut refs);
+        emit_rule(
+            policy,
+            direction,
+            obs.marks,
+            (ri, rule),
+            &subject,
+            &mut rules,
+            &mut refs,
+        );
     }
     let chain = Chain {
         def: ChainDef {
@@ -484,8 +672,8 @@ pub fn policy_chain(policy: &Policy, direction: Direction) -> (Chain, BTreeSet<(
 fn emit_rule(
     policy: &Policy,
     direction: Direction,
-    ri: usize,
-    rule: &PolicyRule,
+    marks: Option<MarkLayout>,
+    (ri, rule): (usize, &PolicyRule),
     subject: &PodSelection,
     rules: &mut Vec<Rule>,
     refs: &mut BTreeSet<(SetSpec, Family)>,
@@ -524,7 +712,19 @@ fn emit_rule(
             if let Some(qi) = qi {
                 comment.push_str(&format!(" ports[{qi}]"));
             }
-            let comment = Some(fit_comment(&comment));
+            let (comment, accept) = match marks {
+                Some(layout) => {
+                    let id = rule_id(policy, direction, ri, *pi, *qi, layout.max_id());
+                    (
+                        Some(comment_with_id(&comment, id)),
+                        Action::MarkAccept(layout.write(direction, id)),
+                    )
+                }
+                None => (
+                    Some(fit_comment(&comment)),
+                    Action::Verdict(Verdict::Accept),
+                ),
+            };
             let families: Vec<Family> = match (peer, port) {
                 (Some(Peer::Block(b)), _) => vec![b.family()],
                 (Some(Peer::Pods(_)), _) | (_, Some(PortSpec::Named { .. })) => {
@@ -536,8 +736,8 @@ fn emit_rule(
                 // Any peer, numbered or no port: one family-independent rule.
                 rules.push(Rule {
                     matches: port.map(port_match).into_iter().flatten().collect(),
-                    counter: false,
-                    action: Action::Verdict(Verdict::Accept),
+                    counter: true,
+                    action: accept.clone(),
                     comment: comment.clone(),
                 });
                 continue;
@@ -597,13 +797,29 @@ fn emit_rule(
                 }
                 rules.push(Rule {
                     matches,
-                    counter: false,
-                    action: Action::Verdict(Verdict::Accept),
+                    counter: true,
+                    action: accept.clone(),
                     comment: comment.clone(),
                 });
             }
         }
     }
+}
+
+/// `text id=N`, the readable part cut so that the id always survives the comment limit.
+fn comment_with_id(text: &str, id: u32) -> String {
+    let suffix = format!(" id={id}");
+    let room = MAX_COMMENT_BYTES - suffix.len();
+    let mut head = text.to_string();
+    if head.len() > room {
+        let mut end = room - 3;
+        while !head.is_char_boundary(end) {
+            end -= 1;
+        }
+        head.truncate(end);
+        head.push_str("...");
+    }
+    head + &suffix
 }
 
 /// The match of a numbered or protocol-only port entry (named ports use sets).
@@ -922,6 +1138,150 @@ mod tests {
         assert_eq!(
             rs.sets[&names::ingress_dispatch(Family::V4)].elements.len(),
             1
+        );
+    }
+
+    #[test]
+    fn accept_rules_count_and_write_their_id_into_the_mark_field_of_their_direction() {
+        let layout = MarkLayout::default();
+        let rs = compile(&shop(), "node-0", "weft");
+        let mut seen = 0;
+        for chain in rs
+            .chains
+            .values()
+            .filter(|c| c.def.name.starts_with("pol-"))
+        {
+            let direction = if chain.def.name.ends_with("-in") {
+                Direction::Ingress
+            } else {
+                Direction::Egress
+            };
+            for r in &chain.rules {
+                let Action::MarkAccept(mark) = r.action else {
+                    panic!("{r}: policy rules accept with a mark");
+                };
+                assert!(r.counter, "{r}");
+                let id = crate::ruleset::rule_id_from_comment(r.comment.as_deref().unwrap())
+                    .expect("the comment carries the id");
+                assert!((1..=layout.max_id()).contains(&id));
+                assert_eq!(mark, layout.write(direction, id), "{r}");
+                assert_eq!(layout.id(mark.apply(0x0000_00ab), direction), id);
+                // The other direction's field and the bits outside both are left alone.
+                let other = match direction {
+                    Direction::Ingress => Direction::Egress,
+                    Direction::Egress => Direction::Ingress,
+                };
+                let before = 0x0000_00ab | layout.write(other, 77).value;
+                assert_eq!(mark.apply(before) & !mark.field, before & !mark.field);
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 4);
+    }
+
+    #[test]
+    fn rule_ids_are_pinned_to_the_rule_position_not_to_the_rest_of_the_cluster() {
+        // Pinned: a change here renumbers every connection mark across an upgrade.
+        let c = shop();
+        let api = &c.policies[&ObjectKey::new("shop", "api-ingress")];
+        assert_eq!(
+            rule_id(api, Direction::Ingress, 0, Some(0), Some(0), 4095),
+            4070
+        );
+        assert_eq!(
+            rule_id(api, Direction::Ingress, 1, Some(0), Some(0), 4095),
+            2949
+        );
+        // Another policy appearing does not move them.
+        let mut more = c.clone();
+        let mut other = api.clone();
+        other.key.name = "zzz".into();
+        more.policies.insert(other.key.clone(), other);
+        let a = compile(&c, "node-0", "weft");
+        let b = compile(&more, "node-0", "weft");
+        let name = policy_chain_name(api, Direction::Ingress);
+        assert_eq!(a.chains[&name], b.chains[&name]);
+        // Every id fits its field, for narrow fields too.
+        for bits in [1, 3, 12, 16] {
+            let l = MarkLayout::new(0, bits).unwrap();
+            for ri in 0..50 {
+                let id = rule_id(api, Direction::Egress, ri, None, Some(1), l.max_id());
+                assert!((1..=l.max_id()).contains(&id));
+                assert_eq!(
+                    l.id(l.write(Direction::Egress, id).apply(0), Direction::Egress),
+                    id
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn mark_layouts_must_fit_in_32_bits() {
+        assert!(MarkLayout::new(8, 12).is_ok());
+        assert!(MarkLayout::new(0, 16).is_ok());
+        assert!(MarkLayout::new(9, 12).is_err());
+        assert!(MarkLayout::new(0, 0).is_err());
+        let l = MarkLayout::default();
+        assert_eq!(l.field(Direction::Ingress), 0x000f_ff00);
+        assert_eq!(l.field(Direction::Egress), 0xfff0_0000);
+    }
+
+    #[test]
+    fn without_marks_policy_rules_accept_plainly_and_carry_no_id() {
+        let c = shop();
+        let api = &c.policies[&ObjectKey::new("shop", "api-ingress")];
+        let obs = Observability {
+            marks: None,
+            drop_log: None,
+        };
+        let (chain, _) = policy_chain_with(api, Direction::Ingress, obs);
+        for r in &chain.rules {
+            assert_eq!(r.action, Action::Verdict(Verdict::Accept));
+            assert!(r.counter);
+            assert_eq!(
+                crate::ruleset::rule_id_from_comment(r.comment.as_deref().unwrap()),
+                None
+            );
+        }
+    }
+
+    #[test]
+    fn the_drop_log_comes_right_before_the_counted_drop() {
+        let c = shop();
+        let api = &c.policies[&ObjectKey::new("shop", "api-ingress")];
+        let chains = vec![policy_chain_name(api, Direction::Ingress)];
+        let name = group_chain_name(&chains, Direction::Ingress);
+        let obs = Observability {
+            marks: Some(MarkLayout::default()),
+            drop_log: Some(DropLog {
+                group: 7,
+                rate_per_second: 10,
+                burst: 5,
+            }),
+        };
+        let chain = group_chain_with(&name, &chains, &[api], Direction::Ingress, obs);
+        let n = chain.rules.len();
+        assert_eq!(
+            chain.rules[n - 2].to_string(),
+            format!(
+                "limit rate 10/second log prefix \"weft-drop {name} \" group 7 comment \"log denied new ingress connections (rate-limited)\""
+            )
+        );
+        assert_eq!(chain.rules[n - 1].action, Action::Verdict(Verdict::Drop));
+        assert!(chain.rules[n - 1].counter);
+        let plain = group_chain(&name, &chains, &[api], Direction::Ingress);
+        assert_eq!(plain.rules.len(), n - 1);
+    }
+
+    #[test]
+    fn long_names_keep_their_rule_id_in_the_comment() {
+        let c = comment_with_id(&"é".repeat(100), 4095);
+        assert!(c.len() <= MAX_COMMENT_BYTES);
+        assert!(c.ends_with("... id=4095"), "{c}");
+        assert_eq!(crate::ruleset::rule_id_from_comment(&c), Some(4095));
+        assert_eq!(
+            comment_with_id("ns/p ingress[0]", 3),
+            "ns/p ingress[0] id=3"
         );
     }
 

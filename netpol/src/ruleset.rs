@@ -517,6 +517,79 @@ pub enum Action {
     /// `masquerade`: source NAT to the address of the outgoing interface (only in a `nat`
     /// chain on the `postrouting` hook; the table `inet weft-nat`, never the policy table).
     Masquerade,
+    /// `ct mark set ct mark & … | … accept`: write one rule id into its field of the
+    /// connection's mark, leave every other bit as it was, and accept.
+    MarkAccept(CtMarkField),
+    /// `limit rate N/second burst B packets log prefix "…" group G`: no verdict; a packet
+    /// under the rate is sent to an nflog group, every packet goes on to the next rule.
+    LogLimited(LogSpec),
+}
+
+/// One rule id written into its bit field of the conntrack mark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtMarkField {
+    /// The bits of the field (contiguous); the rest of the mark is left untouched.
+    pub field: u32,
+    /// The value written, already shifted into the field (`value & !field == 0`).
+    pub value: u32,
+}
+
+impl CtMarkField {
+    /// The mark after writing this field into `mark`.
+    pub fn apply(self, mark: u32) -> u32 {
+        (mark & !self.field) | self.value
+    }
+
+    /// The bitwise `(mark & mask) ^ xor` the kernel runs: `mask = !field`, `xor = value`.
+    pub fn mask_xor(self) -> (u32, u32) {
+        (!self.field, self.value)
+    }
+}
+
+impl fmt::Display for CtMarkField {
+    /// As nft prints it: the mask shown with the written bits folded in.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ct mark set ct mark & 0x{:08x} | 0x{:08x}",
+            !self.field | self.value,
+            self.value
+        )
+    }
+}
+
+/// A rate-limited nflog statement (the kernel's `log` expression with a group).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LogSpec {
+    /// Packets per second let through to the log.
+    pub rate_per_second: u64,
+    /// Burst, in packets.
+    pub burst: u32,
+    /// nflog group the agent listens on.
+    pub group: u16,
+    /// Prefix carried with every logged packet (at most [`MAX_LOG_PREFIX_BYTES`]).
+    pub prefix: String,
+}
+
+/// The kernel keeps log prefixes of at most this many bytes (`NF_LOG_PREFIXLEN - 1`).
+pub const MAX_LOG_PREFIX_BYTES: usize = 127;
+
+/// nft's default `limit` burst (it omits `burst 5 packets` when printing).
+pub const DEFAULT_LIMIT_BURST: u32 = 5;
+
+impl fmt::Display for LogSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "limit rate {}/second ", self.rate_per_second)?;
+        if self.burst != DEFAULT_LIMIT_BURST {
+            write!(f, "burst {} packets ", self.burst)?;
+        }
+        write!(
+            f,
+            "log prefix \"{}\" group {}",
+            escape_comment(&self.prefix),
+            self.group
+        )
+    }
 }
 
 impl fmt::Display for Action {
@@ -527,6 +600,8 @@ impl fmt::Display for Action {
                 write!(f, "{} {} vmap @{map}", family.keyword(), field.keyword())
             }
             Action::Masquerade => f.write_str("masquerade"),
+            Action::MarkAccept(m) => write!(f, "{m} accept"),
+            Action::LogLimited(l) => write!(f, "{l}"),
         }
     }
 }
@@ -549,7 +624,10 @@ impl Rule {
     pub fn jump_target(&self) -> Option<&str> {
         match &self.action {
             Action::Verdict(v) => v.target(),
-            Action::Vmap { .. } | Action::Masquerade => None,
+            Action::Vmap { .. }
+            | Action::Masquerade
+            | Action::MarkAccept(_)
+            | Action::LogLimited(_) => None,
         }
     }
 
@@ -561,7 +639,10 @@ impl Rule {
         });
         let from_action = match &self.action {
             Action::Vmap { map, .. } => Some(map.as_str()),
-            Action::Verdict(_) | Action::Masquerade => None,
+            Action::Verdict(_)
+            | Action::Masquerade
+            | Action::MarkAccept(_)
+            | Action::LogLimited(_) => None,
         };
         from_matches.chain(from_action)
     }
@@ -642,6 +723,12 @@ impl Ruleset {
         }
         out
     }
+}
+
+/// The node-local rule id a policy rule's comment carries (`… id=17`), if any.
+pub fn rule_id_from_comment(comment: &str) -> Option<u32> {
+    let (_, tail) = comment.rsplit_once(" id=")?;
+    tail.parse().ok()
 }
 
 /// Comments are free text from Kubernetes names; `"` would end nft's string early.

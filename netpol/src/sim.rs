@@ -172,6 +172,9 @@ pub struct Trace {
     /// did. For an accept, the last rule whose `accept` the packet took (in an earlier base
     /// chain, if the later ones only let it through by policy); `None` if no rule accepted.
     pub decided_by: Option<(String, usize, Option<String>)>,
+    /// The bits the walk's `ct mark set` statements wrote into the connection's mark (which is
+    /// taken to start at 0), also when the packet was dropped later.
+    pub ct_mark: u32,
 }
 
 impl Trace {
@@ -435,12 +438,14 @@ pub fn simulate(ruleset: &Ruleset, hook: Hook, pkt: &Packet, routes: &dyn Routes
         routes,
         steps: Vec::new(),
         last_verdict: None,
+        ct_mark: 0,
     };
     let (verdict, by_rule) = walk.run(hook);
     Trace {
         verdict,
         steps: walk.steps,
         decided_by: if by_rule { walk.last_verdict } else { None },
+        ct_mark: walk.ct_mark,
     }
 }
 
@@ -474,6 +479,8 @@ struct Walk<'a> {
     steps: Vec<Step>,
     /// The last rule that accepted or dropped.
     last_verdict: Option<(String, usize, Option<String>)>,
+    /// The connection's mark as the rules taken so far left it.
+    ct_mark: u32,
 }
 
 impl<'a> Walk<'a> {
@@ -609,6 +616,19 @@ impl<'a> Walk<'a> {
         }
         let comment = rule.comment.clone();
         let (map, field) = match &rule.action {
+            Action::MarkAccept(mark) => {
+                self.ct_mark = mark.apply(self.ct_mark);
+                let verdict = Verdict::Accept;
+                self.note_verdict(name, index, rule, &verdict);
+                let event = Event::Verdict {
+                    verdict: verdict.clone(),
+                    comment,
+                };
+                self.record(name, Some(index), event);
+                return Outcome::Verdict(verdict);
+            }
+            // Logging decides nothing: next rule.
+            Action::LogLimited(_) => return Outcome::Continue,
             Action::Verdict(verdict) => {
                 self.note_verdict(name, index, rule, verdict);
                 let event = Event::Verdict {

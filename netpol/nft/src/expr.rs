@@ -14,7 +14,8 @@
 use std::fmt;
 
 use weft_netpol::ruleset::{
-    Action, AddrField, CtState, Family, IfaceField, Match, Protocol, Rule, Verdict,
+    Action, AddrField, CtMarkField, CtState, Family, IfaceField, LogSpec, Match, Protocol, Rule,
+    Verdict,
 };
 
 use crate::netlink::udata;
@@ -58,6 +59,12 @@ pub mod cmp_op {
 
 /// `NFT_CT_STATE`
 pub const CT_STATE: u32 = 0;
+/// `NFT_CT_MARK`
+pub const CT_MARK: u32 = 3;
+/// `limit` unit of `N/second`: one second.
+pub const LIMIT_UNIT_SECOND: u64 = 1;
+/// `NFT_LIMIT_PKTS`
+pub const LIMIT_PKTS: u32 = 0;
 /// `NF_CT_STATE_BIT(IP_CT_ESTABLISHED) | NF_CT_STATE_BIT(IP_CT_RELATED)`
 pub const CT_ESTABLISHED_RELATED: u32 = 0x2 | 0x4;
 /// `NFT_LOOKUP_F_INV`
@@ -126,6 +133,33 @@ pub enum RawExpr {
         key: u32,
         /// Destination register.
         dreg: u32,
+    },
+    /// `ct set <key> with reg <sreg>`
+    CtSet {
+        /// `NFT_CT_*`
+        key: u32,
+        /// Source register.
+        sreg: u32,
+    },
+    /// `limit rate <rate>/<unit> burst <burst> type <kind> flags <flags>`
+    Limit {
+        /// Tokens per unit.
+        rate: u64,
+        /// Unit, in seconds.
+        unit: u64,
+        /// Burst.
+        burst: u32,
+        /// `NFT_LIMIT_PKTS` or `NFT_LIMIT_PKT_BYTES`.
+        kind: u32,
+        /// `NFT_LIMIT_F_INV`
+        flags: u32,
+    },
+    /// `log prefix <prefix> group <group>` (nflog; no snaplen, no queue threshold).
+    Log {
+        /// Prefix.
+        prefix: String,
+        /// nflog group.
+        group: u16,
     },
     /// `fib <flags> <result> => reg <dreg>`
     Fib {
@@ -214,6 +248,20 @@ impl fmt::Display for RawExpr {
                 words(xor)
             ),
             RawExpr::Ct { key, dreg } => write!(f, "[ ct load {key} => reg {dreg} ]"),
+            RawExpr::CtSet { key, sreg } => write!(f, "[ ct set {key} with reg {sreg} ]"),
+            RawExpr::Limit {
+                rate,
+                unit,
+                burst,
+                kind,
+                flags,
+            } => write!(
+                f,
+                "[ limit rate {rate}/{unit} burst {burst} type {kind} flags 0x{flags:x} ]"
+            ),
+            RawExpr::Log { prefix, group } => {
+                write!(f, "[ log prefix {prefix} group {group} ]")
+            }
             RawExpr::Fib {
                 flags,
                 result,
@@ -259,6 +307,12 @@ pub enum LowerError {
         /// Last port.
         last: u16,
     },
+    /// A conntrack mark write whose value lies outside its field (or an empty field).
+    #[error("ct mark value {:#010x} is not inside the field {:#010x}", .0.value, .0.field)]
+    MarkField(CtMarkField),
+    /// A log statement nft would refuse or print differently.
+    #[error("log prefix {:?} must be at most 127 bytes without '\"' or NUL, rate above 0", .0.prefix)]
+    Log(LogSpec),
     /// A comment nft could not print back (too long, a `"`, or a NUL).
     #[error("comment {0:?} is longer than 128 bytes or contains '\"' or NUL")]
     Comment(String),
@@ -546,6 +600,51 @@ pub fn lower(rule: &Rule) -> Result<Vec<RawExpr>, LowerError> {
             });
         }
         Action::Masquerade => out.push(RawExpr::Masquerade),
+        Action::MarkAccept(mark) => {
+            if mark.value & !mark.field != 0 || mark.field == 0 {
+                return Err(LowerError::MarkField(*mark));
+            }
+            let (mask, xor) = mark.mask_xor();
+            out.extend([
+                RawExpr::Ct {
+                    key: CT_MARK,
+                    dreg: REG_1,
+                },
+                RawExpr::Bitwise {
+                    sreg: REG_1,
+                    dreg: REG_1,
+                    len: 4,
+                    mask: mask.to_ne_bytes().to_vec(),
+                    xor: xor.to_ne_bytes().to_vec(),
+                },
+                RawExpr::CtSet {
+                    key: CT_MARK,
+                    sreg: REG_1,
+                },
+                lower_verdict(&Verdict::Accept),
+            ]);
+        }
+        Action::LogLimited(log) => {
+            if log.prefix.len() > weft_netpol::ruleset::MAX_LOG_PREFIX_BYTES
+                || log.prefix.contains(['"', '\0'])
+                || log.rate_per_second == 0
+            {
+                return Err(LowerError::Log(log.clone()));
+            }
+            out.extend([
+                RawExpr::Limit {
+                    rate: log.rate_per_second,
+                    unit: LIMIT_UNIT_SECOND,
+                    burst: log.burst,
+                    kind: LIMIT_PKTS,
+                    flags: 0,
+                },
+                RawExpr::Log {
+                    prefix: log.prefix.clone(),
+                    group: log.group,
+                },
+            ]);
+        }
     }
     Ok(out)
 }
@@ -706,6 +805,27 @@ pub fn raise(exprs: &[RawExpr], udata_bytes: Option<&[u8]>) -> Option<Rule> {
             Action::Verdict(raise_verdict(*code, chain.as_deref())?)
         }
         [RawExpr::Masquerade] => Action::Masquerade,
+        [
+            RawExpr::Ct { key: CT_MARK, .. },
+            RawExpr::Bitwise { mask, xor, .. },
+            RawExpr::CtSet { .. },
+            RawExpr::Verdict { .. },
+        ] => {
+            let word = |b: &[u8]| Some(u32::from_ne_bytes(b.try_into().ok()?));
+            Action::MarkAccept(CtMarkField {
+                field: !word(mask)?,
+                value: word(xor)?,
+            })
+        }
+        [
+            RawExpr::Limit { rate, burst, .. },
+            RawExpr::Log { prefix, group },
+        ] => Action::LogLimited(LogSpec {
+            rate_per_second: *rate,
+            burst: *burst,
+            group: *group,
+            prefix: prefix.clone(),
+        }),
         [_, _, payload, RawExpr::Lookup { set, .. }] | [payload, RawExpr::Lookup { set, .. }] => {
             let (family, field) = raise_addr(payload)?;
             Action::Vmap {
@@ -946,6 +1066,49 @@ mod tests {
                  [ payload load 16b @ network header + 24 => reg 1 ] \
                  [ lookup reg 1 set cluster-v6 0x1 ] [ counter ] [ masq ]",
             ),
+            (
+                // `ip saddr 10.0.0.1 counter ct mark set ct mark and 0xff0000ff or 0x00001100
+                // accept`, here with a set lookup instead of the address.
+                Rule {
+                    counter: true,
+                    ..rule(
+                        vec![Match::AddrInSet {
+                            family: Family::V4,
+                            field: AddrField::Saddr,
+                            set: "s4".into(),
+                            negate: false,
+                        }],
+                        Action::MarkAccept(CtMarkField {
+                            field: 0x00ffff00,
+                            value: 0x00001100,
+                        }),
+                    )
+                },
+                // [ counter pkts 0 bytes 0 ] [ ct load mark => reg 1 ]
+                // [ bitwise reg 1 = ( reg 1 & 0xff0000ff ) ^ 0x00001100 ]
+                // [ ct set mark with reg 1 ] [ immediate reg 0 accept ]
+                "[ meta load 15 => reg 1 ] [ cmp op0 reg 1 0x00000002 ] \
+                 [ payload load 4b @ network header + 12 => reg 1 ] [ lookup reg 1 set s4 ] \
+                 [ counter ] [ ct load 3 => reg 1 ] \
+                 [ bitwise reg 1 = ( reg 1 & 0xff0000ff ) ^ 0x00001100 ] \
+                 [ ct set 3 with reg 1 ] [ immediate reg 0 verdict 1 ]",
+            ),
+            (
+                // `limit rate 10/second burst 5 packets log prefix "weft-drop grp-abc-in " group 7`
+                rule(
+                    vec![],
+                    Action::LogLimited(LogSpec {
+                        rate_per_second: 10,
+                        burst: 5,
+                        group: 7,
+                        prefix: "weft-drop grp-abc-in ".into(),
+                    }),
+                ),
+                // [ limit rate 10/second burst 5 type packets flags 0x0 ]
+                // [ log prefix weft-drop grp-abc-in  group 7 snaplen 0 qthreshold 0 ]
+                "[ limit rate 10/1 burst 5 type 0 flags 0x0 ] \
+                 [ log prefix weft-drop grp-abc-in  group 7 ]",
+            ),
         ];
         for (rule, want) in cases {
             let got: Vec<String> = lower(&rule)
@@ -1060,6 +1223,28 @@ mod tests {
                 });
             }
         }
+        for (field, value) in [(0x000fff00, 0x000fe600), (0xfff00000, 0x00100000)] {
+            rules.push(Rule {
+                counter: true,
+                comment: Some("ns/p ingress[0] from[0] id=4070".into()),
+                ..rule(
+                    vec![Match::L4Proto(Protocol::Udp)],
+                    Action::MarkAccept(CtMarkField { field, value }),
+                )
+            });
+        }
+        rules.push(Rule {
+            comment: Some("log denied".into()),
+            ..rule(
+                vec![],
+                Action::LogLimited(LogSpec {
+                    rate_per_second: 20,
+                    burst: 9,
+                    group: 0,
+                    prefix: "weft-drop grp-x-in ".into(),
+                }),
+            )
+        });
         rules.push(rule(
             vec![
                 Match::IfacePrefix {

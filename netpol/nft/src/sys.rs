@@ -469,7 +469,9 @@ unsafe fn build_expr(e: &RawExpr) -> io::Result<NonNull<sys::nftnl_expr>> {
         RawExpr::Payload { .. } => c"payload",
         RawExpr::Cmp { .. } => c"cmp",
         RawExpr::Bitwise { .. } => c"bitwise",
-        RawExpr::Ct { .. } => c"ct",
+        RawExpr::Ct { .. } | RawExpr::CtSet { .. } => c"ct",
+        RawExpr::Limit { .. } => c"limit",
+        RawExpr::Log { .. } => c"log",
         RawExpr::Fib { .. } => c"fib",
         RawExpr::Lookup { .. } => c"lookup",
         RawExpr::Counter => c"counter",
@@ -486,6 +488,7 @@ unsafe fn build_expr(e: &RawExpr) -> io::Result<NonNull<sys::nftnl_expr>> {
     let name_arg = match e {
         RawExpr::Lookup { set, .. } => Some(cstring(set)?),
         RawExpr::Verdict { chain: Some(c), .. } => Some(cstring(c)?),
+        RawExpr::Log { prefix, .. } => Some(cstring(prefix)?),
         _ => None,
     };
     // SAFETY: known expression names; attributes below are the ones each type defines.
@@ -535,6 +538,29 @@ unsafe fn build_expr(e: &RawExpr) -> io::Result<NonNull<sys::nftnl_expr>> {
             RawExpr::Ct { key, dreg } => {
                 u32_(sys::NFTNL_EXPR_CT_KEY, *key);
                 u32_(sys::NFTNL_EXPR_CT_DREG, *dreg);
+            }
+            RawExpr::CtSet { key, sreg } => {
+                u32_(sys::NFTNL_EXPR_CT_KEY, *key);
+                u32_(sys::NFTNL_EXPR_CT_SREG, *sreg);
+            }
+            RawExpr::Limit {
+                rate,
+                unit,
+                burst,
+                kind,
+                flags,
+            } => {
+                sys::nftnl_expr_set_u64(p, sys::NFTNL_EXPR_LIMIT_RATE as u16, *rate);
+                sys::nftnl_expr_set_u64(p, sys::NFTNL_EXPR_LIMIT_UNIT as u16, *unit);
+                u32_(sys::NFTNL_EXPR_LIMIT_BURST, *burst);
+                u32_(sys::NFTNL_EXPR_LIMIT_TYPE, *kind);
+                u32_(sys::NFTNL_EXPR_LIMIT_FLAGS, *flags);
+            }
+            RawExpr::Log { group, .. } => {
+                if let Some(prefix) = &name_arg {
+                    sys::nftnl_expr_set_str(p, sys::NFTNL_EXPR_LOG_PREFIX as u16, prefix.as_ptr());
+                }
+                sys::nftnl_expr_set_u16(p, sys::NFTNL_EXPR_LOG_GROUP as u16, *group);
             }
             RawExpr::Fib {
                 flags,
@@ -934,6 +960,45 @@ unsafe fn parse_expr(e: *const sys::nftnl_expr) -> RawExpr {
                     len: get(sys::NFTNL_EXPR_BITWISE_LEN),
                     mask: data(sys::NFTNL_EXPR_BITWISE_MASK),
                     xor: data(sys::NFTNL_EXPR_BITWISE_XOR),
+                }
+            }
+            "ct" if only(&[sys::NFTNL_EXPR_CT_KEY, sys::NFTNL_EXPR_CT_SREG])
+                && is(sys::NFTNL_EXPR_CT_SREG) =>
+            {
+                RawExpr::CtSet {
+                    key: get(sys::NFTNL_EXPR_CT_KEY),
+                    sreg: get(sys::NFTNL_EXPR_CT_SREG),
+                }
+            }
+            "limit"
+                if only(&[
+                    sys::NFTNL_EXPR_LIMIT_RATE,
+                    sys::NFTNL_EXPR_LIMIT_UNIT,
+                    sys::NFTNL_EXPR_LIMIT_BURST,
+                    sys::NFTNL_EXPR_LIMIT_TYPE,
+                    sys::NFTNL_EXPR_LIMIT_FLAGS,
+                ]) =>
+            {
+                let u64_ = |a: u32| sys::nftnl_expr_get_u64(e, a as u16);
+                RawExpr::Limit {
+                    rate: u64_(sys::NFTNL_EXPR_LIMIT_RATE),
+                    unit: u64_(sys::NFTNL_EXPR_LIMIT_UNIT),
+                    burst: get(sys::NFTNL_EXPR_LIMIT_BURST),
+                    kind: get(sys::NFTNL_EXPR_LIMIT_TYPE),
+                    flags: get(sys::NFTNL_EXPR_LIMIT_FLAGS),
+                }
+            }
+            "log"
+                if only(&[sys::NFTNL_EXPR_LOG_PREFIX, sys::NFTNL_EXPR_LOG_GROUP])
+                    && is(sys::NFTNL_EXPR_LOG_GROUP) =>
+            {
+                RawExpr::Log {
+                    prefix: string(sys::nftnl_expr_get_str(
+                        e,
+                        sys::NFTNL_EXPR_LOG_PREFIX as u16,
+                    ))
+                    .unwrap_or_default(),
+                    group: sys::nftnl_expr_get_u16(e, sys::NFTNL_EXPR_LOG_GROUP as u16),
                 }
             }
             "ct" if only(&[sys::NFTNL_EXPR_CT_KEY, sys::NFTNL_EXPR_CT_DREG]) => RawExpr::Ct {

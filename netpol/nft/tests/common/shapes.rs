@@ -6,9 +6,9 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use weft_netpol::ruleset::{
-    Action, AddrField, BaseHook, Chain, ChainDef, ChainPolicy, ChainType, CtState, Family, Hook,
-    IfaceField, Key, KeyField, Match, Protocol, Rule, Ruleset, Set, SetDef, TABLE_NAME, Value,
-    Verdict,
+    Action, AddrField, BaseHook, Chain, ChainDef, ChainPolicy, ChainType, CtMarkField, CtState,
+    Family, Hook, IfaceField, Key, KeyField, LogSpec, Match, Protocol, Rule, Ruleset, Set, SetDef,
+    TABLE_NAME, Value, Verdict,
 };
 
 pub fn v4(s: &str) -> Value {
@@ -376,6 +376,28 @@ pub fn every_shape() -> Ruleset {
         None,
         vec![
             rule(vec![], Action::Verdict(Verdict::Jump("pol-1".into()))),
+            // The rate-limited nflog of denied new connections, default and other bursts.
+            Rule {
+                comment: Some("log denied new ingress connections (rate-limited)".into()),
+                ..rule(
+                    vec![],
+                    Action::LogLimited(LogSpec {
+                        rate_per_second: 10,
+                        burst: 5,
+                        group: 7,
+                        prefix: "weft-drop group-a ".into(),
+                    }),
+                )
+            },
+            rule(
+                vec![],
+                Action::LogLimited(LogSpec {
+                    rate_per_second: 1000,
+                    burst: 50,
+                    group: 65535,
+                    prefix: "x".repeat(127),
+                }),
+            ),
             Rule {
                 counter: true,
                 ..rule(vec![], Action::Verdict(Verdict::Drop))
@@ -451,6 +473,26 @@ pub fn every_shape() -> Ruleset {
         ));
     }
     pol.push(rule(vec![Match::L4Proto(Protocol::Sctp)], accept()));
+    // Accept rules that write a rule id into their field of the conntrack mark: the default
+    // ingress and egress fields, a one-bit field at the top, ids at both ends of a field.
+    for (field, value, counter) in [
+        (0x000f_ff00u32, 0x000f_e600u32, true),
+        (0xfff0_0000, 0x0010_0000, true),
+        (0xfff0_0000, 0xfff0_0000, false),
+        (0x8000_0000, 0x8000_0000, true),
+    ] {
+        pol.push(Rule {
+            counter,
+            comment: Some(format!(
+                "ns/p ingress[1] from[0] id={}",
+                value >> field.trailing_zeros()
+            )),
+            ..rule(
+                vec![in_set(Family::V4, AddrField::Saddr, "pods-v4", false)],
+                Action::MarkAccept(CtMarkField { field, value }),
+            )
+        });
+    }
     pol.push(rule(
         vec![in_set(Family::V4, AddrField::Saddr, "cidr-v4", false)],
         accept(),

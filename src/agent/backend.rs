@@ -13,6 +13,10 @@ pub trait Backend: Send {
     fn apply(&mut self, ops: &[Op]) -> Result<(), String>;
     /// A line for the start-up log: what this backend is.
     fn describe(&self) -> String;
+    /// The ruleset generation (`None`: this backend has none).
+    fn generation(&mut self) -> Result<Option<u32>, String> {
+        Ok(None)
+    }
 }
 
 /// The real kernel, on the netlink thread of `weft-nft`.
@@ -46,6 +50,14 @@ impl Backend for Kernel {
 
     fn describe(&self) -> String {
         format!("nftables over netlink, table inet {}", self.table)
+    }
+
+    fn generation(&mut self) -> Result<Option<u32>, String> {
+        self.thread
+            .run(|b| b.generation())
+            .map_err(|e| e.to_string())?
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 }
 

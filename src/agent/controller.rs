@@ -63,6 +63,8 @@ pub struct Shared {
     /// UIDs of every pod the API has (any node), from a synced store; `None` until the first
     /// sync. At most [`UID_PUBLISH_INTERVAL`] old: API-based IPAM cleanup reads it.
     pub live_pod_uids: Mutex<Option<Arc<std::collections::HashSet<String>>>>,
+    /// What the nftables monitor saw: foreign commits to our table, generations.
+    pub table_watch: Arc<super::nftwatch::TableWatch>,
 }
 
 /// How often, at most, the controller republishes [`Shared::live_pod_uids`] after pod changes.
@@ -86,6 +88,7 @@ impl Shared {
             local_ips: Mutex::default(),
             queries: Mutex::default(),
             live_pod_uids: Mutex::default(),
+            table_watch: Arc::default(),
         }
     }
 
@@ -121,6 +124,10 @@ enum Phase {
     /// Enforcing through the incremental engine.
     Running { engine: Box<Engine> },
 }
+
+/// Least time between two comparisons triggered by foreign commits (a tool that rewrites the
+/// table in a loop must not make the agent dump it in a loop).
+const FOREIGN_CHECK_MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Settings of the controller.
 #[derive(Clone, Debug)]
@@ -240,26 +247,62 @@ impl Controller {
                 }
             }
             self.step_guarded(batch);
-            let interval = self.cfg.drift_check_interval;
-            if !interval.is_zero() && self.last_drift_check.elapsed() >= interval {
-                self.last_drift_check = Instant::now();
-                let _ = catch_unwind(AssertUnwindSafe(|| self.check_drift()));
+            let _ = catch_unwind(AssertUnwindSafe(|| self.drift_turn()));
+        }
+    }
+
+    /// Compares the kernel's table with the desired one when someone else changed it (the
+    /// nftables monitor saw a foreign commit: at most once a second), and periodically unless
+    /// the ruleset generation proves every commit since was ours (see [`super::nftwatch`]).
+    fn drift_turn(&mut self) {
+        let watch = self.shared.table_watch.clone();
+        let since = self.last_drift_check.elapsed();
+        let interval = self.cfg.drift_check_interval;
+        let periodic = !interval.is_zero() && since >= interval;
+        let suspect =
+            watch.running() && since >= FOREIGN_CHECK_MIN_INTERVAL && watch.take_suspect();
+        if (!suspect && !periodic) || !self.can_compare() {
+            if suspect {
+                watch.raise_suspect(); // compare once the state allows it
             }
+            return;
+        }
+        self.last_drift_check = Instant::now();
+        if !suspect {
+            if let Ok(Some(generation)) = self.backend.generation() {
+                if watch.unchanged_by_others(generation) {
+                    watch.checks_skipped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+            watch.take_suspect();
+        }
+        watch.checks_compared.fetch_add(1, Ordering::Relaxed);
+        self.check_drift();
+    }
+
+    /// Whether the kernel's table can be compared with the desired one now: running, and no
+    /// resync or deferred deletes under way (the kernel legitimately differs meanwhile).
+    fn can_compare(&self) -> bool {
+        match &self.phase {
+            Phase::Running { engine } => {
+                !self.needs_resync
+                    && engine.pending().chains.is_empty()
+                    && engine.pending().sets.is_empty()
+            }
+            Phase::Syncing { .. } => false,
         }
     }
 
     /// Compares the kernel's table with the desired one and repairs any drift by a diff
     /// (someone ran `nft`, another tool flushed a set). Returns the ops it applied.
     pub fn check_drift(&mut self) -> usize {
+        if !self.can_compare() {
+            return 0;
+        }
         let Phase::Running { engine } = &self.phase else {
             return 0;
         };
-        if self.needs_resync
-            || !engine.pending().chains.is_empty()
-            || !engine.pending().sets.is_empty()
-        {
-            return 0; // the next reconcile re-dumps anyway
-        }
         let kernel = match self.backend.dump() {
             Ok(k) => k,
             Err(e) => {
@@ -1019,6 +1062,112 @@ mod tests {
             kernel.lock().unwrap().dump(),
             Some(c.engine().unwrap().desired())
         );
+    }
+
+    use crate::agent::backend::Backend;
+
+    /// The in-memory kernel with a ruleset generation the test moves by hand.
+    struct WithGeneration(Memory, Arc<std::sync::atomic::AtomicU32>);
+
+    impl Backend for WithGeneration {
+        fn dump(&mut self) -> Result<Option<weft_netpol::Ruleset>, String> {
+            self.0.dump()
+        }
+        fn apply(&mut self, ops: &[weft_netpol::diff::Op]) -> Result<(), String> {
+            self.0.apply(ops)
+        }
+        fn describe(&self) -> String {
+            "memory with a generation".into()
+        }
+        fn generation(&mut self) -> Result<Option<u32>, String> {
+            Ok(Some(self.1.load(Ordering::SeqCst)))
+        }
+    }
+
+    #[test]
+    fn foreign_commits_trigger_a_comparison_and_the_generation_spares_the_periodic_one() {
+        use weft_nft::monitor::Event;
+        let shared = Arc::new(Shared::new("n1", Arc::new(Metrics::default())));
+        let memory = Memory::new("weft");
+        let kernel = memory.fake.clone();
+        let generation = Arc::new(std::sync::atomic::AtomicU32::new(7));
+        let cfg = ControllerConfig {
+            node: "n1".into(),
+            table: "weft".into(),
+            inject_panic_policy: None,
+            max_reconciles_per_second: 1000,
+            drift_check_interval: Duration::from_millis(1),
+        };
+        let backend = WithGeneration(memory, generation.clone());
+        let mut c = Controller::new(cfg, Box::new(backend), shared.clone(), None);
+        list_all(
+            &mut c,
+            vec![pod("a", "10.244.1.2", "n1")],
+            vec![deny_all("deny")],
+        );
+        c.step(vec![msg(Kind::Nodes, WatchBody::Listed(vec![]), "10")]);
+        let watch = shared.table_watch.clone();
+        let repairs = || shared.metrics.drift_repairs.load(Ordering::Relaxed);
+        let counts = || {
+            (
+                watch.checks_compared.load(Ordering::Relaxed),
+                watch.checks_skipped.load(Ordering::Relaxed),
+            )
+        };
+        let tamper = || {
+            kernel.lock().unwrap().tamper(|t| {
+                t.sets
+                    .get_mut("ingress-dispatch-v4")
+                    .unwrap()
+                    .elements
+                    .clear();
+            })
+        };
+        let age = |c: &mut Controller| c.last_drift_check = Instant::now() - Duration::from_secs(2);
+
+        // A fresh subscription is suspect: the first turn compares (nothing to repair).
+        watch.set_running(true);
+        age(&mut c);
+        c.drift_turn();
+        assert_eq!((counts(), repairs()), ((1, 0), 0));
+        // Every commit since was ours (the monitor saw generation 7): the periodic turn skips.
+        watch.observe(&Event::Own {
+            generation: 7,
+            objects: 3,
+        });
+        age(&mut c);
+        c.drift_turn();
+        assert_eq!((counts(), repairs()), ((1, 1), 0));
+        // `nft` empties the dispatch map: the monitor reports it, the next turn repairs.
+        tamper();
+        generation.store(8, Ordering::SeqCst);
+        watch.observe(&Event::Foreign {
+            generation: 8,
+            pid: 4242,
+            process: "nft".into(),
+            objects: 1,
+        });
+        age(&mut c);
+        c.drift_turn();
+        assert_eq!((counts(), repairs()), ((2, 1), 1));
+        assert_eq!(
+            kernel.lock().unwrap().dump(),
+            Some(c.engine().unwrap().desired())
+        );
+        // A change the monitor never reported still shows in the generation: compared, repaired.
+        tamper();
+        generation.store(9, Ordering::SeqCst);
+        age(&mut c);
+        c.drift_turn();
+        assert_eq!((counts(), repairs()), ((3, 1), 2));
+        // Suspect but too soon after the last check: waits (a tool rewriting the table in a
+        // loop cannot make the agent dump it in a loop), the flag kept for later.
+        watch.raise_suspect();
+        c.last_drift_check = Instant::now();
+        c.cfg.drift_check_interval = Duration::from_secs(3600);
+        c.drift_turn();
+        assert_eq!(counts(), (3, 1));
+        assert!(watch.take_suspect());
     }
 
     #[test]

@@ -64,7 +64,9 @@ pub fn respond(shared: &Shared, listener: Listener, path: &str) -> (u16, &'stati
                 u64::from(shared.ready(WATCH_GRACE).is_ok()),
                 std::sync::atomic::Ordering::Relaxed,
             );
-            (200, "text/plain; version=0.0.4", shared.metrics.render())
+            let mut text = shared.metrics.render();
+            text.push_str(&shared.table_watch.render());
+            (200, "text/plain; version=0.0.4", text)
         }
         "/debug/state" if listener == Listener::Unix => {
             (200, "application/json", debug_state(shared))

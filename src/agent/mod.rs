@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod http;
 pub mod metrics;
 pub mod nat;
+pub mod nftwatch;
 pub mod query;
 pub mod watch;
 
@@ -97,6 +98,12 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Box::new(backend::Kernel::open(&cfg.table).map_err(|e| anyhow::anyhow!("netlink: {e}"))?)
     };
     info!(backend = %backend.describe(), "kernel backend ready");
+    if !cfg.dry_run {
+        // Drift is noticed as it happens (someone else's commit to our table), not only by
+        // the periodic comparison.
+        nftwatch::spawn(cfg.table.clone(), shared.table_watch.clone())
+            .context("starting the nftables monitor thread")?;
+    }
 
     // Kubernetes Events on objects with problems, published off the controller thread.
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<ObjectEvent>();

@@ -30,7 +30,7 @@ enum Command {
     /// (simulated ruleset, cross-checked against the policy evaluator).
     Demo,
     /// Run the node agent: watch the API, enforce NetworkPolicy in this network namespace.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// The lab: a local multi-node cluster in network namespaces (`up`, `table`, `status`,
     /// `down`); runs the repository's conformance/lab/lab.sh (root, Debian).
     Lab {
@@ -166,6 +166,25 @@ struct AgentArgs {
     /// once it is at least this many seconds old.
     #[arg(long, default_value_t = 300)]
     cleanup_min_age: u64,
+    /// The node mesh: authenticated control connections to every node, path health and
+    /// relay, WireGuard keys. Off unless given: the file holds the cluster secret (a mounted
+    /// Kubernetes Secret; every node the same). Empty: off.
+    #[arg(long, env = "WEFT_MESH_SECRET_FILE")]
+    mesh_secret_file: Option<PathBuf>,
+    /// TCP port of the mesh's control connections (the same on every node).
+    #[arg(long, env = "WEFT_MESH_PORT", default_value_t = agent::mesh::DEFAULT_PORT)]
+    mesh_port: u16,
+    /// Encrypt pod traffic between nodes with WireGuard (needs the mesh). Mixed mode: sent
+    /// encrypted only to nodes that advertise WireGuard ready, plain VXLAN to the others.
+    #[arg(long, env = "WEFT_ENCRYPTION", default_value = "off", value_parser = ["on", "off"])]
+    encryption: String,
+    /// WireGuard UDP port (the same on every node).
+    #[arg(long, env = "WEFT_WIREGUARD_PORT", default_value_t = agent::mesh::DEFAULT_WG_PORT)]
+    wireguard_port: u16,
+    /// WireGuard implementation: `auto` (the kernel module where it is loaded, else the
+    /// userspace `weft-wg`), `userspace`, or `kernel`.
+    #[arg(long, env = "WEFT_WIREGUARD", default_value = "auto", value_parser = ["auto", "userspace", "kernel"])]
+    wireguard: String,
     /// Test-only fault injection: `panic-policy=NAME` or `panic-watch=KIND`.
     #[arg(long, env = "WEFT_FAULT_INJECT", hide = true)]
     inject: Option<String>,
@@ -182,7 +201,7 @@ fn main() -> ExitCode {
             println!("weft {VERSION}");
             ExitCode::SUCCESS
         }
-        Some(Command::Agent(args)) => run_agent(args),
+        Some(Command::Agent(args)) => run_agent(*args),
         Some(Command::Lab { args }) => run_lab(&args),
         Some(Command::Status { socket, json }) => cli::status(&socket, json),
         Some(Command::Explain {
@@ -304,6 +323,27 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             }
         }
     };
+    let mesh = match args.mesh_secret_file.filter(|p| !p.as_os_str().is_empty()) {
+        Some(secret_file) => Some(agent::mesh::MeshConfig {
+            node: args.node.clone(),
+            secret_file,
+            port: args.mesh_port,
+            listen_ip: args.underlay_ip,
+            state_dir: args.state_dir.clone(),
+            encryption: args.encryption == "on",
+            wg_port: args.wireguard_port,
+            backend: match args.wireguard.as_str() {
+                "userspace" => agent::mesh::WireguardBackend::Userspace,
+                "kernel" => agent::mesh::WireguardBackend::Kernel,
+                _ => agent::mesh::WireguardBackend::detect(),
+            },
+        }),
+        None if args.encryption == "on" => {
+            eprintln!("weft agent: --encryption on needs the mesh: give --mesh-secret-file");
+            return ExitCode::from(2);
+        }
+        None => None,
+    };
     let cfg = agent::AgentConfig {
         node: args.node,
         kubeconfig: args.kubeconfig,
@@ -321,6 +361,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         cni_conf_dir: Some(args.cni_conf_dir),
         cni_bin_dir: args.cni_bin_dir,
         cleanup_min_age: Duration::from_secs(args.cleanup_min_age),
+        mesh,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

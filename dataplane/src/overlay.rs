@@ -15,6 +15,14 @@
 //! a node added, removed or changed touches its own entries and nobody else's, and a node
 //! whose entries fail to program is reported and retried without holding up the others.
 //!
+//! Per-peer route choice (issue 9, from the agent's mesh): each remote node's podCIDRs are
+//! routed by one [`PeerRoute`]: directly over `vxweft` (above), through a relay node over
+//! `vxweft` (`via <relay's tunnel addr>`: the relay forwards it on its own direct route), over
+//! the WireGuard device `wgweft` (`dev wgweft`: which WireGuard peer carries it is decided by
+//! the peers' AllowedIPs, relayed ones included), or `unreachable` (a node refused by the mesh:
+//! never in plaintext through the default route). The FDB and neighbour entries stay in every
+//! case, so switching a peer between them touches its route only (one `replace`, no gap).
+//!
 //! Defaults: UDP port 4789 (the IANA VXLAN port; configurable for clusters where another
 //! VXLAN already holds it), VNI 6784 (an arbitrary id — weave's port number — chosen to stay
 //! clear of flannel's VNI 1 if both share the port during a migration), MTU = underlay MTU −
@@ -39,6 +47,35 @@ pub const VXLAN_DEVICE: &str = "vxweft";
 pub const DEFAULT_VNI: u32 = 6784;
 /// Default UDP port (IANA VXLAN).
 pub const DEFAULT_PORT: u16 = 4789;
+
+/// The WireGuard device (kernel module or `weft-wg`'s TUN device). Not `weft…`: the policy
+/// engine treats those as pod interfaces.
+pub const WIREGUARD_DEVICE: &str = "wgweft";
+
+/// Bytes WireGuard adds on an IPv4 underlay (IP 20 + UDP 8 + WireGuard 32).
+pub const WIREGUARD_OVERHEAD_V4: u32 = 60;
+/// Bytes WireGuard adds on an IPv6 underlay.
+pub const WIREGUARD_OVERHEAD_V6: u32 = 80;
+
+/// How traffic to one remote node's pods leaves this node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PeerRoute {
+    /// Straight to it over `vxweft`.
+    #[default]
+    Vxlan,
+    /// Over `vxweft` to a relay node (its podCIDRs given: the route goes via its tunnel
+    /// address of the same family), which forwards on its own route.
+    VxlanVia {
+        /// The relay's name (for logs).
+        relay: String,
+        /// The relay's podCIDRs.
+        relay_cidrs: Vec<IpNet>,
+    },
+    /// Over `wgweft` (direct or relayed: WireGuard's AllowedIPs pick the peer).
+    Wireguard,
+    /// Not at all: an `unreachable` route (a peer refused by the mesh).
+    Blocked,
+}
 
 /// Bytes VXLAN adds on an IPv4 underlay.
 pub const OVERHEAD_V4: u32 = 50;
@@ -118,9 +155,38 @@ pub struct RemoteNode {
 /// One kernel object programmed for a remote node.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Entry {
-    Fdb { mac: [u8; 6], dst: IpAddr },
-    Neighbour { ip: IpAddr, mac: [u8; 6] },
-    Route { cidr: IpNet, via: IpAddr },
+    Fdb {
+        mac: [u8; 6],
+        dst: IpAddr,
+    },
+    Neighbour {
+        ip: IpAddr,
+        mac: [u8; 6],
+    },
+    Route {
+        cidr: IpNet,
+        via: IpAddr,
+    },
+    /// `cidr dev wgweft`.
+    WgRoute {
+        cidr: IpNet,
+    },
+    /// `unreachable cidr`.
+    Unreachable {
+        cidr: IpNet,
+    },
+}
+
+impl Entry {
+    /// The destination of a route entry.
+    fn route_cidr(&self) -> Option<IpNet> {
+        match self {
+            Entry::Route { cidr, .. } | Entry::WgRoute { cidr } | Entry::Unreachable { cidr } => {
+                Some(*cidr)
+            }
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Entry {
@@ -129,11 +195,13 @@ impl std::fmt::Display for Entry {
             Entry::Fdb { mac, dst } => write!(f, "fdb {} dst {dst}", mac_to_string(mac)),
             Entry::Neighbour { ip, mac } => write!(f, "neigh {ip} lladdr {}", mac_to_string(mac)),
             Entry::Route { cidr, via } => write!(f, "route {cidr} via {via} onlink"),
+            Entry::WgRoute { cidr } => write!(f, "route {cidr} dev {WIREGUARD_DEVICE}"),
+            Entry::Unreachable { cidr } => write!(f, "route unreachable {cidr}"),
         }
     }
 }
 
-fn entries_for(node: &RemoteNode) -> BTreeSet<Entry> {
+fn entries_for(node: &RemoteNode, route: &PeerRoute) -> BTreeSet<Entry> {
     let mac = vtep_mac(node.underlay_ip);
     let mut out = BTreeSet::new();
     out.insert(Entry::Fdb {
@@ -142,9 +210,24 @@ fn entries_for(node: &RemoteNode) -> BTreeSet<Entry> {
     });
     for cidr in &node.pod_cidrs {
         let cidr = cidr.trunc();
-        let via = tunnel_address(cidr);
-        out.insert(Entry::Neighbour { ip: via, mac });
-        out.insert(Entry::Route { cidr, via });
+        let own = tunnel_address(cidr);
+        out.insert(Entry::Neighbour { ip: own, mac });
+        let relay_via = |relay_cidrs: &[IpNet]| {
+            relay_cidrs
+                .iter()
+                .find(|r| r.addr().is_ipv4() == cidr.addr().is_ipv4())
+                .map(|r| tunnel_address(r.trunc()))
+        };
+        out.insert(match route {
+            PeerRoute::Vxlan => Entry::Route { cidr, via: own },
+            // A relay without a podCIDR of this family: the direct route is all there is.
+            PeerRoute::VxlanVia { relay_cidrs, .. } => Entry::Route {
+                cidr,
+                via: relay_via(relay_cidrs).unwrap_or(own),
+            },
+            PeerRoute::Wireguard => Entry::WgRoute { cidr },
+            PeerRoute::Blocked => Entry::Unreachable { cidr },
+        });
     }
     out
 }
@@ -198,7 +281,10 @@ pub struct Overlay {
     config: OverlayConfig,
     index: u32,
     mtu: u32,
+    underlay_mtu: u32,
     programmed: BTreeMap<String, (RemoteNode, BTreeSet<Entry>)>,
+    /// Index of `wgweft` during a sync that routes over it.
+    wg_index: Option<u32>,
     /// Whether the kernel's entries on `vxweft` have been reconciled once (after a restart
     /// the device keeps the previous process's entries, some of them for nodes since gone).
     adopted: bool,
@@ -284,9 +370,58 @@ impl Overlay {
             config,
             index: link.index,
             mtu,
+            underlay_mtu,
             programmed: BTreeMap::new(),
+            wg_index: None,
             adopted: false,
         })
+    }
+
+    /// Gives `wgweft` (created by `weft-wg` or the kernel module path) this node's tunnel
+    /// addresses, `mtu`, and brings it up. `Ok(false)`: the device does not exist (yet).
+    pub async fn ensure_wireguard_device(
+        &self,
+        handle: &rtnetlink::Handle,
+        mtu: u32,
+    ) -> Result<bool, OverlayError> {
+        let Some(link) = nl::link_by_name(handle, WIREGUARD_DEVICE)
+            .await
+            .map_err(nl_err("look up wgweft"))?
+        else {
+            return Ok(false);
+        };
+        if link.mtu != Some(mtu) || !link.up {
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(link.index).mtu(mtu).up().build())
+                .execute()
+                .await
+                .map_err(nl_err("set wgweft MTU, up"))?;
+        }
+        for cidr in self.config.pod_cidrs.to_list() {
+            let ip = tunnel_address(cidr);
+            let len = if ip.is_ipv4() { 32 } else { 128 };
+            let mut add = handle.address().add(link.index, ip, len).replace();
+            add.message_mut().header.flags = AddressHeaderFlags::Nodad;
+            add.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            add.execute()
+                .await
+                .map_err(nl_err(format!("tunnel address {ip}/{len} on wgweft")))?;
+        }
+        Ok(true)
+    }
+
+    /// Pod MTU when pod traffic may go over WireGuard: the underlay's MTU minus WireGuard's
+    /// overhead, never above `vxweft`'s.
+    pub fn wireguard_mtu(&self) -> u32 {
+        let overhead = if self.config.underlay_ip.is_ipv4() {
+            WIREGUARD_OVERHEAD_V4
+        } else {
+            WIREGUARD_OVERHEAD_V6
+        };
+        (self.underlay_mtu.saturating_sub(overhead)).min(self.mtu)
     }
 
     /// MTU of `vxweft` (what pods should use).
@@ -295,16 +430,42 @@ impl Overlay {
     }
 
     /// Bring the per-node entries in line with `remotes` (the other nodes; this node, if
-    /// present, is skipped), touching only nodes that were added, removed or changed.
+    /// present, is skipped), touching only nodes that were added, removed or changed; every
+    /// node's pods are routed directly over `vxweft`.
     pub async fn sync(&mut self, handle: &rtnetlink::Handle, remotes: &[RemoteNode]) -> SyncReport {
+        self.sync_routes(handle, remotes, &BTreeMap::new()).await
+    }
+
+    /// [`Overlay::sync`] with a route choice per node name (missing: [`PeerRoute::Vxlan`]).
+    /// A node whose choice changed has only its routes replaced.
+    pub async fn sync_routes(
+        &mut self,
+        handle: &rtnetlink::Handle,
+        remotes: &[RemoteNode],
+        routes: &BTreeMap<String, PeerRoute>,
+    ) -> SyncReport {
         let mut report = SyncReport::default();
+        let default_route = PeerRoute::default();
+        let route_of = |name: &str| routes.get(name).unwrap_or(&default_route);
+        self.wg_index = if routes.values().any(|r| *r == PeerRoute::Wireguard) {
+            nl::link_by_name(handle, WIREGUARD_DEVICE)
+                .await
+                .ok()
+                .flatten()
+                .map(|l| l.index)
+        } else {
+            None
+        };
         let wanted: BTreeMap<&str, &RemoteNode> = remotes
             .iter()
             .filter(|n| n.underlay_ip != self.config.underlay_ip)
             .map(|n| (n.name.as_str(), n))
             .collect();
         if !self.adopted {
-            let desired: BTreeSet<Entry> = wanted.values().flat_map(|n| entries_for(n)).collect();
+            let desired: BTreeSet<Entry> = wanted
+                .values()
+                .flat_map(|n| entries_for(n, route_of(&n.name)))
+                .collect();
             match self.delete_strays(handle, &desired).await {
                 Ok(n) => {
                     report.entries_deleted += n;
@@ -335,7 +496,7 @@ impl Overlay {
             }
         }
         for (name, node) in wanted {
-            let new = entries_for(node);
+            let new = entries_for(node, route_of(name));
             let old = self.programmed.get(name).map(|(_, e)| e.clone());
             if old.as_ref() == Some(&new) {
                 report.unchanged.push(name.to_string());
@@ -465,10 +626,16 @@ impl Overlay {
         new: &BTreeSet<Entry>,
         report: &mut SyncReport,
     ) -> Result<(), OverlayError> {
-        // Routes before neighbours before FDB on delete; the reverse on add.
-        let mut deletes: Vec<&Entry> = old.difference(new).collect();
+        // Routes before neighbours before FDB on delete; the reverse on add. A route whose
+        // destination stays routed (another kind, another next hop) is not deleted: the add
+        // replaces it in place, so the peer's traffic never falls through to the default route.
+        let kept: BTreeSet<IpNet> = new.iter().filter_map(Entry::route_cidr).collect();
+        let mut deletes: Vec<&Entry> = old
+            .difference(new)
+            .filter(|e| e.route_cidr().is_none_or(|c| !kept.contains(&c)))
+            .collect();
         deletes.sort_by_key(|e| match e {
-            Entry::Route { .. } => 0,
+            Entry::Route { .. } | Entry::WgRoute { .. } | Entry::Unreachable { .. } => 0,
             Entry::Neighbour { .. } => 1,
             Entry::Fdb { .. } => 2,
         });
@@ -480,7 +647,7 @@ impl Overlay {
         adds.sort_by_key(|e| match e {
             Entry::Fdb { .. } => 0,
             Entry::Neighbour { .. } => 1,
-            Entry::Route { .. } => 2,
+            Entry::Route { .. } | Entry::WgRoute { .. } | Entry::Unreachable { .. } => 2,
         });
         for e in adds {
             self.add_entry(handle, e).await?;
@@ -520,7 +687,49 @@ impl Overlay {
                 .execute()
                 .await
                 .map_err(nl_err(what)),
+            Entry::WgRoute { .. } | Entry::Unreachable { .. } => handle
+                .route()
+                .add(self.other_route_message(entry)?)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl_err(what)),
         }
+    }
+
+    /// The message of a `dev wgweft` or `unreachable` route.
+    fn other_route_message(
+        &self,
+        entry: &Entry,
+    ) -> Result<rtnetlink::packet_route::route::RouteMessage, OverlayError> {
+        use rtnetlink::packet_route::route::{RouteScope, RouteType};
+        let (cidr, wg) = match entry {
+            Entry::WgRoute { cidr } => (*cidr, true),
+            Entry::Unreachable { cidr } => (*cidr, false),
+            _ => unreachable!("only wgweft and unreachable routes"),
+        };
+        let mut msg = match cidr {
+            IpNet::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .build(),
+            IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(n.network(), n.prefix_len())
+                .build(),
+        };
+        if wg {
+            let index = self.wg_index.ok_or_else(|| {
+                OverlayError::Device(format!(
+                    "{WIREGUARD_DEVICE} does not exist (is weft-wg running?)"
+                ))
+            })?;
+            msg.header.scope = RouteScope::Link;
+            msg.attributes
+                .push(rtnetlink::packet_route::route::RouteAttribute::Oif(index));
+        } else {
+            msg.header.kind = RouteType::Unreachable;
+            msg.header.scope = RouteScope::Universe;
+        }
+        Ok(msg)
     }
 
     async fn delete_entry(
@@ -552,6 +761,13 @@ impl Overlay {
                     .del(self.route_message(*cidr, *via))
                     .execute()
                     .await
+            }
+            Entry::WgRoute { .. } | Entry::Unreachable { .. } => {
+                let Ok(msg) = self.other_route_message(entry) else {
+                    // wgweft is gone, and its routes with it.
+                    return Ok(());
+                };
+                handle.route().del(msg).execute().await
             }
         };
         match result {
@@ -635,7 +851,10 @@ mod tests {
                 "fd00:10:244:2::/64".parse().expect("net"),
             ],
         };
-        let e: Vec<String> = entries_for(&node).iter().map(|e| e.to_string()).collect();
+        let e: Vec<String> = entries_for(&node, &PeerRoute::Vxlan)
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
         assert_eq!(
             e,
             vec![
@@ -646,5 +865,60 @@ mod tests {
                 "route fd00:10:244:2::/64 via fd00:10:244:2::1 onlink",
             ]
         );
+    }
+
+    #[test]
+    fn a_peer_route_changes_only_the_routes_of_its_node() {
+        let node = RemoteNode {
+            name: "n3".into(),
+            underlay_ip: "198.18.0.3".parse().expect("ip"),
+            pod_cidrs: vec![
+                "10.244.3.0/24".parse().expect("net"),
+                "fd00:10:244:3::/64".parse().expect("net"),
+            ],
+        };
+        let routes = |r: PeerRoute| -> Vec<String> {
+            entries_for(&node, &r)
+                .iter()
+                .filter(|e| e.route_cidr().is_some())
+                .map(|e| e.to_string())
+                .collect()
+        };
+        let relay = PeerRoute::VxlanVia {
+            relay: "n2".into(),
+            relay_cidrs: vec![
+                "10.244.2.0/24".parse().expect("net"),
+                "fd00:10:244:2::/64".parse().expect("net"),
+            ],
+        };
+        assert_eq!(
+            routes(relay),
+            [
+                "route 10.244.3.0/24 via 10.244.2.1 onlink",
+                "route fd00:10:244:3::/64 via fd00:10:244:2::1 onlink"
+            ]
+        );
+        assert_eq!(
+            routes(PeerRoute::Wireguard),
+            [
+                "route 10.244.3.0/24 dev wgweft",
+                "route fd00:10:244:3::/64 dev wgweft"
+            ]
+        );
+        assert_eq!(
+            routes(PeerRoute::Blocked),
+            [
+                "route unreachable 10.244.3.0/24",
+                "route unreachable fd00:10:244:3::/64"
+            ]
+        );
+        let fixed = |r: PeerRoute| -> BTreeSet<Entry> {
+            entries_for(&node, &r)
+                .into_iter()
+                .filter(|e| e.route_cidr().is_none())
+                .collect()
+        };
+        assert_eq!(fixed(PeerRoute::Vxlan), fixed(PeerRoute::Wireguard));
+        assert_eq!(fixed(PeerRoute::Vxlan), fixed(PeerRoute::Blocked));
     }
 }

@@ -10,6 +10,10 @@
 //! allocated addresses to the controller (which merges them into the pod's model: the API does
 //! not know a pod's IP before ADD returns) and waits until a committed transaction holds them.
 //!
+//! With the mesh on ([`super::mesh`]), each remote node's routes follow the mesh's choice
+//! ([`MeshRouting`]: direct, relayed, over `wgweft`, or blocked), re-synced whenever it
+//! changes and every 2 s (so `wgweft` appearing late or a failed entry is retried).
+//!
 //! [`housekeeping`] runs beside it: the masquerade table `inet weft-nat` ([`super::nat`],
 //! re-synced every minute), the conflist written once the agent is ready (first adoption done,
 //! CNI service up, `weft-cni` installed), and the API-based cleanup of allocations whose pod
@@ -33,6 +37,7 @@ use weft_netpol::model::ObjectKey;
 
 use super::controller::Shared;
 use super::http::{self, Listener};
+use super::mesh::MeshRouting;
 use super::watch::{Kind, WatchBody, WatchMsg};
 
 /// What the dataplane needs to know of a node.
@@ -44,6 +49,8 @@ pub struct NodeInfo {
     pub internal_ip: Option<IpAddr>,
     /// `spec.podCIDRs`.
     pub pod_cidrs: Vec<IpNet>,
+    /// Its mesh identity key as published (annotation `weft.dev/mesh-identity`).
+    pub mesh_identity: Option<String>,
 }
 
 impl NodeInfo {
@@ -65,10 +72,17 @@ impl NodeInfo {
         {
             cidrs.push(c);
         }
+        let mesh_identity = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(super::mesh::IDENTITY_ANNOTATION))
+            .cloned();
         Some(NodeInfo {
             name,
             internal_ip,
             pod_cidrs: cidrs.iter().filter_map(|c| c.parse().ok()).collect(),
+            mesh_identity,
         })
     }
 }
@@ -212,20 +226,27 @@ impl PolicyGate for AgentGate {
 pub type ServiceSlot = Arc<RwLock<Option<Arc<CniService>>>>;
 
 /// Waits for this node's podCIDRs, sets up overlay, IPAM and the CNI service, then follows
-/// node changes for the overlay. Runs forever.
+/// node changes (and the mesh's route choices, when the mesh is on) for the overlay. Runs
+/// forever.
 pub async fn run(
     cfg: DataplaneConfig,
     mut nodes: tokio::sync::watch::Receiver<Vec<NodeInfo>>,
+    mut mesh: Option<tokio::sync::watch::Receiver<MeshRouting>>,
     gate: Arc<AgentGate>,
     slot: ServiceSlot,
 ) {
     tokio::spawn(housekeeping(cfg.clone(), gate.shared.clone(), slot.clone()));
     let mut state: Option<(rtnetlink::Handle, Overlay, PodCidrs)> = None;
+    let mut wg_warned: Option<Instant> = None;
     loop {
         let snapshot = nodes.borrow_and_update().clone();
+        let routing = mesh
+            .as_mut()
+            .map(|m| m.borrow_and_update().clone())
+            .unwrap_or_default();
         if let Some(me) = snapshot.iter().find(|n| n.name == cfg.node) {
             if state.is_none() {
-                match setup(&cfg, me, gate.clone()).await {
+                match setup(&cfg, me, routing.encryption, gate.clone()).await {
                     Ok((handle, overlay, cidrs, service)) => {
                         *slot.write().await = Some(Arc::new(service));
                         info!(cidrs = ?cidrs, mtu = overlay.mtu(), "dataplane ready: overlay up, CNI served");
@@ -253,7 +274,25 @@ pub async fn run(
                         })
                     })
                     .collect();
-                let report = overlay.sync(handle, &remotes).await;
+                if routing.encryption {
+                    match overlay
+                        .ensure_wireguard_device(handle, overlay.wireguard_mtu())
+                        .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            if wg_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                                warn!(
+                                    device = weft_dataplane::overlay::WIREGUARD_DEVICE,
+                                    "encryption on but no WireGuard device yet (weft-wg not running?): pods are reached over plain VXLAN"
+                                );
+                                wg_warned = Some(Instant::now());
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "WireGuard device not configured; retried"),
+                    }
+                }
+                let report = overlay.sync_routes(handle, &remotes, &routing.routes).await;
                 if !report.added.is_empty()
                     || !report.removed.is_empty()
                     || !report.changed.is_empty()
@@ -265,8 +304,17 @@ pub async fn run(
                 }
             }
         }
-        if nodes.changed().await.is_err() {
-            return;
+        match &mut mesh {
+            None => {
+                if nodes.changed().await.is_err() {
+                    return;
+                }
+            }
+            Some(m) => tokio::select! {
+                r = nodes.changed() => if r.is_err() { return },
+                _ = m.changed() => {}
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            },
         }
     }
 }
@@ -274,6 +322,7 @@ pub async fn run(
 async fn setup(
     cfg: &DataplaneConfig,
     me: &NodeInfo,
+    encryption: bool,
     gate: Arc<AgentGate>,
 ) -> Result<(rtnetlink::Handle, Overlay, PodCidrs, CniService), String> {
     let cidrs = PodCidrs::from_list(&me.pod_cidrs).map_err(|e| e.to_string())?;
@@ -307,7 +356,12 @@ async fn setup(
         gate,
         ServiceConfig {
             state_dir: cfg.state_dir.clone(),
-            mtu: overlay.mtu(),
+            // Pods may be reached over WireGuard: its larger overhead sets their MTU.
+            mtu: if encryption {
+                overlay.wireguard_mtu()
+            } else {
+                overlay.mtu()
+            },
             policy_timeout: cfg.policy_timeout,
             ..ServiceConfig::default()
         },

@@ -65,9 +65,14 @@ pub fn respond(shared: &Shared, listener: Listener, path: &str) -> (u16, &'stati
                 std::sync::atomic::Ordering::Relaxed,
             );
             let mut text = shared.metrics.render();
+            text.push_str(&super::mesh::render_metrics());
             text.push_str(&shared.table_watch.render());
             (200, "text/plain; version=0.0.4", text)
         }
+        "/debug/mesh" => match super::mesh::debug_json() {
+            Some(json) => (200, "application/json", json),
+            None => (404, "text/plain", "mesh off (no --mesh-secret-file)\n".into()),
+        },
         "/debug/state" if listener == Listener::Unix => {
             (200, "application/json", debug_state(shared))
         }

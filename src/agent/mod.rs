@@ -12,6 +12,7 @@ pub mod backend;
 pub mod controller;
 pub mod dataplane;
 pub mod http;
+pub mod mesh;
 pub mod metrics;
 pub mod nat;
 pub mod nftwatch;
@@ -67,6 +68,8 @@ pub struct AgentConfig {
     pub cni_bin_dir: PathBuf,
     /// API-based cleanup: only allocations at least this old whose pod UID is gone.
     pub cleanup_min_age: Duration,
+    /// The node mesh and encryption (`None`: off, `--mesh-secret-file` not given).
+    pub mesh: Option<mesh::MeshConfig>,
 }
 
 async fn client(cfg: &AgentConfig) -> anyhow::Result<Client> {
@@ -154,6 +157,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     *shared.queries.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
     let gate = Arc::new(dataplane::AgentGate::new(shared.clone(), tx.clone()));
     let slot: dataplane::ServiceSlot = Arc::default();
+    let routing = match &cfg.mesh {
+        Some(m) => Some(mesh::start(m.clone(), client.clone(), nodes_rx.clone()).await?),
+        None => None,
+    };
     if !cfg.no_dataplane {
         tokio::spawn(dataplane::run(
             dataplane::DataplaneConfig {
@@ -169,6 +176,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 cleanup_min_age: cfg.cleanup_min_age,
             },
             nodes_rx,
+            routing,
             gate.clone(),
             slot.clone(),
         ));

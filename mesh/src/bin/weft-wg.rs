@@ -121,7 +121,7 @@ fn run(config: &str, interface: &str) -> Result<(), String> {
                     Err(e) => return Err(format!("{}: {e}", config.display())),
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    if waited % 60_000 == 0 {
+                    if waited.is_multiple_of(60_000) {
                         log(&format!("waiting for {} (the agent writes it)", config.display()));
                     }
                 }

@@ -1,0 +1,1329 @@
+//! The agent's side of the mesh (DESIGN §5, issue 9): authenticated control connections to
+//! every other node, path health and relay decisions, and the WireGuard keys and endpoints
+//! that make the encrypted pod path. Off unless `--mesh-secret-file` is given.
+//!
+//! Flow: Node objects (the same [`NodeInfo`] channel the overlay follows) → members, their
+//! underlay addresses and published identity keys (annotation [`IDENTITY_ANNOTATION`], which
+//! this agent writes on its own Node) → one [`weft_mesh::net::MeshNode`] dials every member
+//! and accepts them; a peer is admitted only if it proves the cluster secret *and* presents
+//! the key its Node publishes. Over each connection: probes every second (path health into a
+//! [`PathTable`], hysteresis there), our reachability report (so peers can pick us as a relay),
+//! and our WireGuard public key, port and readiness. From that, one [`PeerRoute`] per peer
+//! ([`decide_route`], pure) goes to the dataplane on a watch channel, and the WireGuard
+//! configuration (peers, endpoints, AllowedIPs incl. relayed podCIDRs) is written for
+//! `weft-wg` (which reloads it live) or applied to the kernel module.
+//!
+//! Mixed mode: every node accepts plain VXLAN and WireGuard; a peer's pods are routed over
+//! `wgweft` only when this node's device is ready, the peer advertises its own as ready, and
+//! the device has the peer configured; otherwise over `vxweft`. A peer refused by the mesh
+//! (wrong cluster secret, a key other than the one its Node publishes) gets an `unreachable`
+//! route: its pods are cut off from this node until it authenticates.
+//!
+//! What it must not touch: nftables (the policy engine judges traffic from `wgweft` like any
+//! other forwarded traffic; `wgweft` is deliberately not a `weft…` pod interface), and links
+//! and routes (the dataplane programs what [`MeshRouting`] says).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+use weft_dataplane::overlay::PeerRoute;
+use weft_mesh::cluster::Admission;
+use weft_mesh::connection::{CloseReason, Misbehaviour, SessionConfig};
+use weft_mesh::message::MeshMessage;
+use weft_mesh::net::{MeshEvent, MeshNode, NetConfig, PeerLink};
+use weft_mesh::path::{Hysteresis, Path as MeshPath, PathTable};
+use weft_mesh::wg::{DeviceConfig, DeviceStatus, PeerConfig, decode_key, encode_key};
+use weft_mesh::wire::RefuseReason;
+use weft_mesh::{ClusterKeys, Context, Identity, MeshMetrics, NodeName};
+
+use super::dataplane::NodeInfo;
+
+/// Annotation on a Node: its mesh identity key (Ed25519 public key, base64).
+pub const IDENTITY_ANNOTATION: &str = "weft.dev/mesh-identity";
+/// Default TCP port of the control connections.
+pub const DEFAULT_PORT: u16 = weft_mesh::net::DEFAULT_PORT;
+/// Default WireGuard UDP port.
+pub const DEFAULT_WG_PORT: u16 = weft_mesh::wg::DEFAULT_LISTEN_PORT;
+
+/// How pod traffic is encrypted, when it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireguardBackend {
+    /// `weft-wg` (gotatun) owns `wgweft`; the agent writes its configuration file.
+    Userspace,
+    /// The kernel module: the agent creates `wgweft` and applies the configuration with `wg`.
+    Kernel,
+}
+
+impl WireguardBackend {
+    /// The kernel module where it is loaded, else userspace.
+    pub fn detect() -> WireguardBackend {
+        if Path::new("/sys/module/wireguard").is_dir() {
+            WireguardBackend::Kernel
+        } else {
+            WireguardBackend::Userspace
+        }
+    }
+}
+
+/// Settings of the mesh.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    /// This node.
+    pub node: String,
+    /// The cluster secret (a mounted Secret).
+    pub secret_file: PathBuf,
+    /// TCP port of the control connections (the same on every node).
+    pub port: u16,
+    /// Address to listen on (`None`: every address).
+    pub listen_ip: Option<IpAddr>,
+    /// State dir: `mesh-identity.pk8`, `wg/private.key`, `wg/wgweft.conf`.
+    pub state_dir: PathBuf,
+    /// Encrypt pod traffic to peers that are ready for it.
+    pub encryption: bool,
+    /// WireGuard UDP port (the same on every node).
+    pub wg_port: u16,
+    /// Userspace or kernel WireGuard.
+    pub backend: WireguardBackend,
+}
+
+/// What the dataplane programs: one route choice per peer, and whether `wgweft` is ours.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshRouting {
+    /// Route per peer node name.
+    pub routes: BTreeMap<String, PeerRoute>,
+    /// Encryption on: the dataplane gives `wgweft` its addresses, MTU and brings it up.
+    pub encryption: bool,
+}
+
+/// This node's mesh, as `GET /debug/mesh` shows it (and `weft status`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MeshSnapshot {
+    /// This node.
+    pub node: String,
+    /// Control port.
+    pub port: u16,
+    /// This node's identity key (base64), as published on its Node.
+    pub identity: String,
+    /// Whether the Node object publishes that key yet.
+    pub identity_published: bool,
+    /// Encryption of pod traffic.
+    pub encryption: EncryptionSnapshot,
+    /// One entry per peer node.
+    pub peers: Vec<PeerSnapshot>,
+}
+
+/// This node's WireGuard side.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EncryptionSnapshot {
+    /// `--encryption on`.
+    pub enabled: bool,
+    /// `userspace` or `kernel` (when enabled).
+    pub backend: Option<WireguardBackend>,
+    /// The device is up and configured: peers may send to us encrypted.
+    pub ready: bool,
+    /// Its public key (base64).
+    pub public_key: Option<String>,
+    /// Its UDP port.
+    pub port: u16,
+    /// Why it is not ready, if it is not.
+    pub problem: Option<String>,
+}
+
+/// One peer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerSnapshot {
+    /// Node name.
+    pub name: String,
+    /// Its underlay address.
+    pub address: Option<IpAddr>,
+    /// `established`, `connecting`, or `refused`.
+    pub state: String,
+    /// Why it was refused (when `state` is `refused`).
+    pub refused: Option<String>,
+    /// `direct`, `via <node>`, or `down`.
+    pub path: String,
+    /// How its pods are reached: `wireguard`, `plain` (VXLAN), or `blocked`.
+    pub encryption: String,
+    /// It advertises a ready WireGuard device.
+    pub wireguard_ready: bool,
+    /// Seconds since the last completed control handshake with it.
+    pub last_handshake_age_seconds: Option<f64>,
+    /// Seconds since its last WireGuard handshake (userspace backend).
+    pub wireguard_handshake_age_seconds: Option<f64>,
+    /// Round trip of the last answered probe, milliseconds.
+    pub probe_rtt_ms: Option<f64>,
+}
+
+/// What `/metrics` and `/debug/mesh` read (set once when the mesh starts).
+#[derive(Debug, Default)]
+pub struct MeshShared {
+    /// The crate's connection metrics.
+    pub metrics: Arc<MeshMetrics>,
+    /// Application messages refused (did not decode), by reason.
+    pub messages_refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Peers currently refused (their pods blocked).
+    pub refused_peers: AtomicU64,
+    /// Our WireGuard device is ready (0/1).
+    pub wireguard_ready: AtomicU64,
+    /// Peers whose pods are reached over WireGuard.
+    pub encrypted_peers: AtomicU64,
+    /// The latest snapshot.
+    pub snapshot: Mutex<MeshSnapshot>,
+}
+
+static SHARED: OnceLock<Arc<MeshShared>> = OnceLock::new();
+
+/// `GET /debug/mesh`: the snapshot as JSON; `None` when the mesh is off.
+pub fn debug_json() -> Option<String> {
+    let shared = SHARED.get()?;
+    let snap = shared
+        .snapshot
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    serde_json::to_string_pretty(&snap).ok()
+}
+
+/// The mesh's part of `/metrics` (empty when the mesh is off).
+pub fn render_metrics() -> String {
+    use std::fmt::Write as _;
+    let Some(s) = SHARED.get() else {
+        return String::new();
+    };
+    let mut out = s.metrics.render();
+    let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "# HELP weft_mesh_messages_refused_total Control messages from authenticated peers that did not decode (the peer is disconnected).\n\
+         # TYPE weft_mesh_messages_refused_total counter"
+    );
+    for (k, v) in s
+        .messages_refused
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        let _ = writeln!(
+            out,
+            "weft_mesh_messages_refused_total{{reason=\"{k}\"}} {v}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP weft_mesh_refused_peers Peers refused by the mesh (wrong secret or key): their pods are unreachable.\n\
+         # TYPE weft_mesh_refused_peers gauge\nweft_mesh_refused_peers {}\n\
+         # HELP weft_mesh_wireguard_ready This node's WireGuard device is up and configured.\n\
+         # TYPE weft_mesh_wireguard_ready gauge\nweft_mesh_wireguard_ready {}\n\
+         # HELP weft_mesh_encrypted_peers Peers whose pods are reached over WireGuard.\n\
+         # TYPE weft_mesh_encrypted_peers gauge\nweft_mesh_encrypted_peers {}",
+        g(&s.refused_peers),
+        g(&s.wireguard_ready),
+        g(&s.encrypted_peers)
+    );
+    out
+}
+
+/// A peer's WireGuard advertisement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct WgAdvert {
+    public_key: [u8; 32],
+    port: u16,
+    ready: bool,
+}
+
+/// What decides a peer's route, per peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteInputs<'a> {
+    /// The peer is refused by the mesh.
+    pub refused: bool,
+    /// Its path ([`PathTable`]); `None`: not probed yet.
+    pub path: Option<&'a MeshPath>,
+}
+
+/// The route of one peer (pure): refused → blocked; relayed through B → over WireGuard if
+/// `wg_ready(B)` else VXLAN via B; otherwise over WireGuard if `wg_ready(peer)` else VXLAN.
+/// `Unreachable` keeps the direct route: nothing better is known.
+pub fn decide_route(
+    peer: &str,
+    inputs: RouteInputs<'_>,
+    wg_ready: impl Fn(&str) -> bool,
+    cidrs_of: impl Fn(&str) -> Vec<IpNet>,
+) -> PeerRoute {
+    if inputs.refused {
+        return PeerRoute::Blocked;
+    }
+    match inputs.path {
+        Some(MeshPath::Relay { via }) => {
+            if wg_ready(via.as_str()) {
+                PeerRoute::Wireguard
+            } else {
+                PeerRoute::VxlanVia {
+                    relay: via.to_string(),
+                    relay_cidrs: cidrs_of(via.as_str()),
+                }
+            }
+        }
+        _ if wg_ready(peer) => PeerRoute::Wireguard,
+        _ => PeerRoute::Vxlan,
+    }
+}
+
+/// Whether a connection's end is evidence against the peer (not a passing condition): it
+/// does not hold the cluster secret, or presents a key other than its Node's.
+fn refusal(reason: &CloseReason) -> Option<&'static str> {
+    match reason {
+        CloseReason::Misbehaviour(Misbehaviour::ClusterSecretMismatch)
+        | CloseReason::Refused(RefuseReason::ClusterSecret) => Some("cluster secret mismatch"),
+        CloseReason::Misbehaviour(Misbehaviour::NotAdmitted(Admission::KeyMismatch(_))) => {
+            Some("identity key differs from its Node's annotation")
+        }
+        CloseReason::Misbehaviour(Misbehaviour::BadSignature) => Some("bad transcript signature"),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Member {
+    addr: IpAddr,
+    pod_cidrs: Vec<IpNet>,
+}
+
+#[derive(Debug, Default)]
+struct PeerState {
+    links: Vec<PeerLink>,
+    refused: Option<&'static str>,
+    last_up: Option<Instant>,
+    sent_seq: u64,
+    sent_at: Option<Instant>,
+    acked_seq: u64,
+    rtt: Option<Duration>,
+    wg: Option<WgAdvert>,
+    dialer: Option<watch::Sender<bool>>,
+    dial_addr: Option<SocketAddr>,
+}
+
+impl PeerState {
+    fn live_link(&mut self) -> Option<&PeerLink> {
+        self.links.retain(|l| !l.is_closed());
+        self.links.last()
+    }
+}
+
+/// This node's WireGuard device, as the agent drives it.
+struct Wireguard {
+    backend: WireguardBackend,
+    private_key: [u8; 32],
+    config_path: PathBuf,
+    port: u16,
+    written: Option<String>,
+    public_key: Option<[u8; 32]>,
+    status: Option<DeviceStatus>,
+    problem: Option<String>,
+}
+
+fn clamp(mut k: [u8; 32]) -> [u8; 32] {
+    k[0] &= 248;
+    k[31] &= 127;
+    k[31] |= 64;
+    k
+}
+
+impl Wireguard {
+    /// Loads `dir/private.key` or creates it (0600).
+    fn open(dir: &Path, backend: WireguardBackend, port: u16) -> anyhow::Result<Wireguard> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let key_path = dir.join("private.key");
+        let private_key = match std::fs::read_to_string(&key_path) {
+            Ok(text) => {
+                decode_key(&text).map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut k = [0u8; 32];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k)
+                    .map_err(|_| anyhow::anyhow!("no randomness for the WireGuard key"))?;
+                let k = clamp(k);
+                let tmp = dir.join(".private.key.tmp");
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .with_context(|| format!("writing {}", tmp.display()))?;
+                std::io::Write::write_all(&mut f, format!("{}\n", encode_key(&k)).as_bytes())?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &key_path)?;
+                info!(path = %key_path.display(), "generated this node's WireGuard key");
+                k
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", key_path.display())),
+        };
+        Ok(Wireguard {
+            backend,
+            private_key,
+            config_path: dir.join("wgweft.conf"),
+            port,
+            written: None,
+            public_key: None,
+            status: None,
+            problem: Some("not started yet".into()),
+        })
+    }
+
+    /// Writes the configuration (if it changed) and applies it (kernel) or lets `weft-wg`
+    /// pick it up (userspace: it watches the file).
+    fn write(&mut self, cfg: &DeviceConfig) {
+        let text = format!(
+            "# written by the weft agent; weft-wg reloads it on change\n{}",
+            cfg.render()
+        );
+        if self.written.as_deref() == Some(text.as_str()) {
+            return;
+        }
+        if let Err(e) = write_private(&self.config_path, &text) {
+            error!(path = %self.config_path.display(), error = %e, "cannot write the WireGuard configuration");
+            return;
+        }
+        if self.backend == WireguardBackend::Kernel
+            && let Err(e) = kernel::apply(&self.config_path)
+        {
+            error!(error = %e, "kernel WireGuard: configuration not applied");
+            self.problem = Some(e);
+            return;
+        }
+        self.written = Some(text);
+    }
+
+    /// Refreshes readiness from the device.
+    fn refresh(&mut self) {
+        match self.backend {
+            WireguardBackend::Userspace => {
+                let path = PathBuf::from(format!("{}.status", self.config_path.display()));
+                let fresh = std::fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age < Duration::from_secs(10));
+                let status = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|t| DeviceStatus::parse(&t).ok());
+                let link = Path::new("/sys/class/net/wgweft").exists();
+                match (status, fresh, link) {
+                    (Some(st), true, true) => {
+                        self.public_key = Some(st.public_key);
+                        self.problem = None;
+                        self.status = Some(st);
+                    }
+                    (_, _, false) => {
+                        self.status = None;
+                        self.problem = Some(format!(
+                            "no wgweft device: is weft-wg running with --config {}?",
+                            self.config_path.display()
+                        ));
+                    }
+                    _ => {
+                        self.status = None;
+                        self.problem = Some(format!(
+                            "weft-wg's status ({}) is missing or older than 10 s",
+                            path.display()
+                        ));
+                    }
+                }
+            }
+            WireguardBackend::Kernel => match kernel::public_key() {
+                Ok(k) => {
+                    self.public_key = Some(k);
+                    self.problem = None;
+                }
+                Err(e) => {
+                    self.problem = Some(e);
+                    if let Err(e) = kernel::ensure_link() {
+                        self.problem = Some(e);
+                    }
+                }
+            },
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.problem.is_none() && self.public_key.is_some() && self.written.is_some()
+    }
+
+    /// Whether the device has `key` configured as a peer (kernel: whatever was applied).
+    fn has_peer(&self, key: &[u8; 32]) -> bool {
+        match self.backend {
+            WireguardBackend::Kernel => self.ready(),
+            WireguardBackend::Userspace => self
+                .status
+                .as_ref()
+                .is_some_and(|s| s.peers.iter().any(|p| &p.public_key == key)),
+        }
+    }
+
+    fn handshake_age(&self, key: &[u8; 32]) -> Option<f64> {
+        self.status
+            .as_ref()?
+            .peers
+            .iter()
+            .find(|p| &p.public_key == key)?
+            .handshake_age_ms
+            .map(|ms| ms as f64 / 1000.0)
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("conf.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    std::io::Write::write_all(&mut f, text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The kernel module path: `wgweft` as a `wireguard` link, configured with `wg syncconf`
+/// (the configuration file is in `wg`'s own format). Runs only where the module is loaded;
+/// this project's machines have none, so it is built but not exercised by its tests.
+mod kernel {
+    use std::path::Path;
+    use std::process::Command;
+
+    use weft_mesh::wg::decode_key;
+
+    fn run(args: &[&str]) -> Result<String, String> {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .map_err(|e| format!("{}: {e}", args[0]))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Creates `wgweft` (type wireguard) if it does not exist.
+    pub fn ensure_link() -> Result<(), String> {
+        if Path::new("/sys/class/net/wgweft").exists() {
+            return Ok(());
+        }
+        run(&["ip", "link", "add", "wgweft", "type", "wireguard"]).map(|_| ())
+    }
+
+    /// Applies the configuration file.
+    pub fn apply(path: &Path) -> Result<(), String> {
+        ensure_link()?;
+        let path = path.display().to_string();
+        run(&["wg", "syncconf", "wgweft", &path]).map(|_| ())
+    }
+
+    /// The device's public key.
+    pub fn public_key() -> Result<[u8; 32], String> {
+        decode_key(&run(&["wg", "show", "wgweft", "public-key"])?)
+    }
+}
+
+/// Starts the mesh: loads the secret and the identity (errors here stop the agent with a
+/// clear message), listens, and runs the loop in the background. Returns the routing the
+/// dataplane must follow.
+pub async fn start(
+    cfg: MeshConfig,
+    client: kube::Client,
+    nodes: watch::Receiver<Vec<NodeInfo>>,
+) -> anyhow::Result<watch::Receiver<MeshRouting>> {
+    let cluster = ClusterKeys::load(&cfg.secret_file)
+        .with_context(|| "mesh: the cluster secret (--mesh-secret-file)".to_string())?;
+    let identity = Identity::load_or_generate(&cfg.state_dir, &ring::rand::SystemRandom::new())
+        .context("mesh: this node's identity key")?;
+    let me = NodeName::new(&cfg.node)
+        .map_err(|e| anyhow::anyhow!("mesh: node name {:?}: {e}", cfg.node))?;
+    let session = SessionConfig {
+        keepalive_ms: 2_000,
+        dead_after_ms: 8_000,
+        ..SessionConfig::default()
+    };
+    let ctx = Context::new(me.clone(), identity, cluster, session);
+    ctx.peers.require_published_keys(true);
+    let shared = Arc::new(MeshShared::default());
+    let (node, events) = MeshNode::new(ctx, NetConfig::default(), shared.metrics.clone());
+    let bind = SocketAddr::new(
+        cfg.listen_ip
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        cfg.port,
+    );
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .with_context(|| format!("mesh: listening on {bind}"))?;
+    let wireguard = if cfg.encryption {
+        Some(Wireguard::open(
+            &cfg.state_dir.join("wg"),
+            cfg.backend,
+            cfg.wg_port,
+        )?)
+    } else {
+        None
+    };
+    let _ = SHARED.set(shared.clone());
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    tokio::spawn(node.clone().serve(listener, shutdown.clone()));
+    let identity_b64 = encode_key(&node.context().identity.public_key());
+    info!(%bind, identity = %identity_b64, encryption = cfg.encryption, backend = ?wireguard.as_ref().map(|w| w.backend), "mesh listening");
+    let (routing_tx, routing_rx) = watch::channel(MeshRouting {
+        routes: BTreeMap::new(),
+        encryption: cfg.encryption,
+    });
+    let mesh = Mesh {
+        table: PathTable::new(me.clone(), Hysteresis::default()),
+        me,
+        identity_b64,
+        identity_published: false,
+        last_patch: None,
+        members: BTreeMap::new(),
+        peers: BTreeMap::new(),
+        node,
+        shared,
+        wireguard,
+        advertised: None,
+        last_advert: Instant::now(),
+        routing: routing_tx,
+        client,
+        cfg,
+        _shutdown: shutdown_tx,
+    };
+    tokio::spawn(mesh.run(nodes, events));
+    Ok(routing_rx)
+}
+
+/// The loop's state (one task owns it: no locks on the hot path).
+struct Mesh {
+    cfg: MeshConfig,
+    me: NodeName,
+    identity_b64: String,
+    identity_published: bool,
+    last_patch: Option<Instant>,
+    members: BTreeMap<NodeName, Member>,
+    peers: BTreeMap<NodeName, PeerState>,
+    table: PathTable,
+    node: Arc<MeshNode>,
+    shared: Arc<MeshShared>,
+    wireguard: Option<Wireguard>,
+    advertised: Option<WgAdvert>,
+    last_advert: Instant,
+    routing: watch::Sender<MeshRouting>,
+    client: kube::Client,
+    _shutdown: watch::Sender<bool>,
+}
+
+impl Mesh {
+    async fn run(
+        mut self,
+        mut nodes: watch::Receiver<Vec<NodeInfo>>,
+        mut events: mpsc::Receiver<MeshEvent>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.on_nodes(&nodes.borrow_and_update().clone());
+        loop {
+            tokio::select! {
+                changed = nodes.changed() => {
+                    if changed.is_err() { return }
+                    let snapshot = nodes.borrow_and_update().clone();
+                    self.on_nodes(&snapshot);
+                }
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_event(ev),
+                    None => return,
+                },
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+    }
+
+    fn on_nodes(&mut self, nodes: &[NodeInfo]) {
+        let mut members = BTreeMap::new();
+        let mut keys = Vec::new();
+        let mut names = Vec::new();
+        for n in nodes {
+            let name = match NodeName::new(&n.name) {
+                Ok(name) => name,
+                Err(e) => {
+                    warn!(node = %n.name, error = %e, "mesh: node name not usable; that node is left out of the mesh");
+                    continue;
+                }
+            };
+            names.push(name.clone());
+            if name == self.me {
+                let published = n.mesh_identity.as_deref() == Some(self.identity_b64.as_str());
+                if published && !self.identity_published {
+                    info!("mesh: our identity key is published on our Node");
+                }
+                self.identity_published = published;
+                continue;
+            }
+            match n.mesh_identity.as_deref().map(decode_key) {
+                Some(Ok(k)) => keys.push((name.clone(), k)),
+                Some(Err(e)) => {
+                    warn!(node = %n.name, annotation = IDENTITY_ANNOTATION, error = %e, "mesh: the Node's identity annotation is invalid; it is refused until fixed")
+                }
+                None => {}
+            }
+            if let Some(addr) = n.internal_ip {
+                members.insert(
+                    name,
+                    Member {
+                        addr,
+                        pod_cidrs: n.pod_cidrs.clone(),
+                    },
+                );
+            }
+        }
+        self.node.context().peers.set_members(names);
+        self.node.context().peers.replace_keys(keys);
+        for change in self.table.set_peers(members.keys().cloned()) {
+            info!(peer = %change.peer, from = ?change.from, to = ?change.to, "mesh: path changed");
+        }
+        let gone: Vec<NodeName> = self
+            .peers
+            .keys()
+            .filter(|p| !members.contains_key(*p))
+            .cloned()
+            .collect();
+        for p in gone {
+            if let Some(st) = self.peers.remove(&p) {
+                if let Some(stop) = st.dialer {
+                    let _ = stop.send(true);
+                }
+                for l in st.links {
+                    tokio::spawn(async move { l.close().await });
+                }
+                info!(peer = %p, "mesh: node left the cluster; connection closed");
+            }
+        }
+        for (name, m) in &members {
+            let addr = SocketAddr::new(m.addr, self.cfg.port);
+            let st = self.peers.entry(name.clone()).or_default();
+            if st.dial_addr != Some(addr) {
+                if let Some(stop) = st.dialer.take() {
+                    let _ = stop.send(true);
+                }
+                let (stop, stopped) = watch::channel(false);
+                tokio::spawn(self.node.clone().maintain(name.clone(), addr, stopped));
+                st.dialer = Some(stop);
+                st.dial_addr = Some(addr);
+            }
+        }
+        self.members = members;
+        self.publish_identity();
+        self.update();
+    }
+
+    /// Writes our identity key on our Node (merge patch of one annotation), at most every 5 s
+    /// while the Node does not show it.
+    fn publish_identity(&mut self) {
+        if self.identity_published
+            || self
+                .last_patch
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(5))
+        {
+            return;
+        }
+        self.last_patch = Some(Instant::now());
+        let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(self.client.clone());
+        let name = self.cfg.node.clone();
+        let patch = serde_json::json!({"metadata": {"annotations": {IDENTITY_ANNOTATION: self.identity_b64}}});
+        tokio::spawn(async move {
+            match api
+                .patch(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    info!(node = %name, annotation = IDENTITY_ANNOTATION, "mesh: identity key written on our Node")
+                }
+                Err(e) => {
+                    error!(node = %name, error = %e, "mesh: cannot write our identity key on our Node (RBAC: patch nodes?); peers refuse us until it is there; retrying")
+                }
+            }
+        });
+    }
+
+    fn peer_by_addr(&self, ip: IpAddr) -> Option<NodeName> {
+        self.members
+            .iter()
+            .find(|(_, m)| m.addr == ip)
+            .map(|(n, _)| n.clone())
+    }
+
+    fn on_event(&mut self, ev: MeshEvent) {
+        match ev {
+            MeshEvent::Up { peer, link } => {
+                let name = peer.name.clone();
+                let Some(st) = self.peers.get_mut(&name) else {
+                    // Admitted before its Node left our list: nothing to do with it.
+                    tokio::spawn(async move { link.close().await });
+                    return;
+                };
+                if let Some(why) = st.refused.take() {
+                    info!(peer = %name, was = why, "mesh: peer authenticated again; its pods are reachable");
+                }
+                st.last_up = Some(Instant::now());
+                st.links.push(link.clone());
+                let mut first = vec![MeshMessage::Reachability(self.table.my_report()).encode()];
+                if let Some(adv) = self.advertised {
+                    first.push(
+                        MeshMessage::Wireguard {
+                            public_key: adv.public_key,
+                            port: adv.port,
+                            ready: adv.ready,
+                        }
+                        .encode(),
+                    );
+                }
+                for m in first {
+                    link.try_send(m);
+                }
+                self.update();
+            }
+            MeshEvent::Message { peer, payload } => self.on_message(peer, &payload),
+            MeshEvent::Down { peer, addr, reason } => {
+                let name = peer.or_else(|| self.peer_by_addr(addr.ip()));
+                let Some(name) = name else { return };
+                let Some(st) = self.peers.get_mut(&name) else {
+                    return;
+                };
+                st.links.retain(|l| !l.is_closed());
+                if let Some(why) = refusal(&reason)
+                    && st.refused.is_none()
+                {
+                    error!(peer = %name, %addr, reason = why, "mesh: peer refused; its pods are unreachable from this node until it authenticates (check the weft-mesh secret on that node)");
+                    st.refused = Some(why);
+                }
+                if st.links.is_empty() {
+                    for c in self.table.forget_report(&name) {
+                        info!(peer = %c.peer, from = ?c.from, to = ?c.to, "mesh: path changed");
+                    }
+                }
+                self.update();
+            }
+        }
+    }
+
+    fn on_message(&mut self, peer: NodeName, payload: &[u8]) {
+        let msg = match MeshMessage::decode(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                let label = match e {
+                    weft_mesh::wire::WireError::UnknownKind(_) => "unknown_kind",
+                    weft_mesh::wire::WireError::Truncated(_) => "truncated",
+                    _ => "malformed",
+                };
+                *self
+                    .shared
+                    .messages_refused
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(label)
+                    .or_default() += 1;
+                warn!(%peer, error = %e, bytes = payload.len(), "mesh: control message refused; disconnecting the peer");
+                if let Some(st) = self.peers.get_mut(&peer) {
+                    for l in st.links.drain(..) {
+                        tokio::spawn(async move { l.close().await });
+                    }
+                }
+                return;
+            }
+        };
+        let Some(st) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        match msg {
+            MeshMessage::Probe(seq) => {
+                if let Some(l) = st.live_link() {
+                    l.try_send(MeshMessage::ProbeAck(seq).encode());
+                }
+            }
+            MeshMessage::ProbeAck(seq) => {
+                if seq == st.sent_seq {
+                    st.acked_seq = seq;
+                    st.rtt = st.sent_at.map(|t| t.elapsed());
+                }
+            }
+            MeshMessage::Reachability(report) => {
+                for c in self.table.report(&peer, &report) {
+                    info!(peer = %c.peer, from = ?c.from, to = ?c.to, reporter = %peer, "mesh: path changed");
+                }
+                self.update();
+            }
+            MeshMessage::Wireguard {
+                public_key,
+                port,
+                ready,
+            } => {
+                let adv = WgAdvert {
+                    public_key,
+                    port,
+                    ready,
+                };
+                if st.wg != Some(adv) {
+                    info!(%peer, ready, port, key = %encode_key(&public_key), "mesh: peer's WireGuard side");
+                    st.wg = Some(adv);
+                    self.update();
+                }
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let mut probes = Vec::new();
+        for (name, st) in &mut self.peers {
+            // The previous probe answered within the interval, over a live connection.
+            let ok = st.sent_seq > 0 && st.acked_seq == st.sent_seq && st.live_link().is_some();
+            probes.push((name.clone(), ok));
+            if let Some(l) = st.live_link().cloned() {
+                st.sent_seq += 1;
+                st.sent_at = Some(now);
+                l.try_send(MeshMessage::Probe(st.sent_seq).encode());
+            }
+        }
+        for (name, ok) in probes {
+            for c in self.table.probe(&name, ok) {
+                info!(peer = %c.peer, from = ?c.from, to = ?c.to, "mesh: path changed");
+            }
+        }
+        let report = MeshMessage::Reachability(self.table.my_report()).encode();
+        for st in self.peers.values_mut() {
+            if let Some(l) = st.live_link() {
+                l.try_send(report.clone());
+            }
+        }
+        if let Some(wg) = &mut self.wireguard {
+            wg.refresh();
+            let adv = wg.public_key.map(|public_key| WgAdvert {
+                public_key,
+                port: wg.port,
+                ready: wg.ready(),
+            });
+            if adv != self.advertised || self.last_advert.elapsed() >= Duration::from_secs(10) {
+                if adv.map(|a| a.ready) != self.advertised.map(|a| a.ready) {
+                    match &wg.problem {
+                        None => info!("mesh: WireGuard ready; advertising it to peers"),
+                        Some(p) => {
+                            warn!(problem = %p, "mesh: WireGuard not ready; peers send to us in plain VXLAN")
+                        }
+                    }
+                }
+                self.advertised = adv;
+                self.last_advert = now;
+                if let Some(a) = adv {
+                    let msg = MeshMessage::Wireguard {
+                        public_key: a.public_key,
+                        port: a.port,
+                        ready: a.ready,
+                    }
+                    .encode();
+                    for st in self.peers.values_mut() {
+                        if let Some(l) = st.live_link() {
+                            l.try_send(msg.clone());
+                        }
+                    }
+                }
+            }
+        }
+        self.publish_identity();
+        self.update();
+    }
+
+    /// Whether this node sends to `peer` over WireGuard (mixed mode: both ready, and the
+    /// device has it configured).
+    fn wg_ready(&self, peer: &str) -> bool {
+        let Some(wg) = &self.wireguard else {
+            return false;
+        };
+        let Some(st) = NodeName::new(peer).ok().and_then(|p| self.peers.get(&p)) else {
+            return false;
+        };
+        let Some(adv) = st.wg else { return false };
+        wg.ready() && adv.ready && st.refused.is_none() && wg.has_peer(&adv.public_key)
+    }
+
+    fn routes(&self) -> BTreeMap<String, PeerRoute> {
+        self.members
+            .keys()
+            .map(|name| {
+                let refused = self.peers.get(name).is_some_and(|s| s.refused.is_some());
+                let route = decide_route(
+                    name.as_str(),
+                    RouteInputs {
+                        refused,
+                        path: self.table.path(name),
+                    },
+                    |p| self.wg_ready(p),
+                    |p| {
+                        NodeName::new(p)
+                            .ok()
+                            .and_then(|n| self.members.get(&n))
+                            .map(|m| m.pod_cidrs.clone())
+                            .unwrap_or_default()
+                    },
+                );
+                (name.to_string(), route)
+            })
+            .collect()
+    }
+
+    /// The WireGuard peers: every member advertising a key, not refused; a peer relayed
+    /// through B has its podCIDRs in B's AllowedIPs instead of its own.
+    fn device_config(&self, routes: &BTreeMap<String, PeerRoute>) -> Option<DeviceConfig> {
+        let wg = self.wireguard.as_ref()?;
+        let mut allowed: BTreeMap<NodeName, Vec<IpNet>> = BTreeMap::new();
+        for (name, m) in &self.members {
+            let carrier = match self.table.path(name) {
+                Some(MeshPath::Relay { via })
+                    if routes.get(name.as_str()) == Some(&PeerRoute::Wireguard) =>
+                {
+                    via.clone()
+                }
+                _ => name.clone(),
+            };
+            allowed
+                .entry(carrier)
+                .or_default()
+                .extend(m.pod_cidrs.iter().map(|c| c.trunc()));
+        }
+        let mut peers = Vec::new();
+        for (name, m) in &self.members {
+            let Some(st) = self.peers.get(name) else {
+                continue;
+            };
+            let (Some(adv), None) = (st.wg, st.refused) else {
+                continue;
+            };
+            let ips: BTreeSet<IpNet> = allowed.get(name).into_iter().flatten().copied().collect();
+            peers.push(PeerConfig {
+                public_key: adv.public_key,
+                endpoint: Some(SocketAddr::new(m.addr, adv.port)),
+                allowed_ips: ips.iter().map(|n| (n.addr(), n.prefix_len())).collect(),
+                persistent_keepalive: None,
+            });
+        }
+        Some(DeviceConfig {
+            private_key: wg.private_key,
+            listen_port: wg.port,
+            peers,
+        })
+    }
+
+    /// Recomputes routes, the WireGuard configuration, metrics and the snapshot.
+    fn update(&mut self) {
+        let routes = self.routes();
+        if let Some(cfg) = self.device_config(&routes)
+            && let Some(wg) = &mut self.wireguard
+        {
+            wg.write(&cfg);
+        }
+        let relayed = routes
+            .iter()
+            .filter(|(n, _)| {
+                NodeName::new(n)
+                    .ok()
+                    .and_then(|n| self.table.path(&n).cloned())
+                    .is_some_and(|p| matches!(p, MeshPath::Relay { .. }))
+            })
+            .count();
+        let m = &self.shared;
+        m.metrics
+            .relayed_peers
+            .store(relayed as u64, Ordering::Relaxed);
+        m.refused_peers.store(
+            self.peers.values().filter(|s| s.refused.is_some()).count() as u64,
+            Ordering::Relaxed,
+        );
+        m.encrypted_peers.store(
+            routes
+                .values()
+                .filter(|r| **r == PeerRoute::Wireguard)
+                .count() as u64,
+            Ordering::Relaxed,
+        );
+        m.wireguard_ready.store(
+            u64::from(self.wireguard.as_ref().is_some_and(Wireguard::ready)),
+            Ordering::Relaxed,
+        );
+        let snapshot = self.snapshot(&routes);
+        *m.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
+        let routing = MeshRouting {
+            routes,
+            encryption: self.wireguard.is_some(),
+        };
+        self.routing.send_if_modified(|have| {
+            let changed = *have != routing;
+            if changed {
+                for (peer, r) in &routing.routes {
+                    if have.routes.get(peer) != Some(r) {
+                        info!(%peer, route = ?r, "mesh: route choice");
+                    }
+                }
+                *have = routing;
+            }
+            changed
+        });
+    }
+
+    fn snapshot(&self, routes: &BTreeMap<String, PeerRoute>) -> MeshSnapshot {
+        let wg = self.wireguard.as_ref();
+        let peers = self
+            .members
+            .iter()
+            .map(|(name, m)| {
+                let st = self.peers.get(name);
+                let established = st.is_some_and(|s| s.links.iter().any(|l| !l.is_closed()));
+                let refused = st.and_then(|s| s.refused);
+                let path = match self.table.path(name) {
+                    Some(MeshPath::Direct) | None => "direct".to_string(),
+                    Some(MeshPath::Relay { via }) => format!("via {via}"),
+                    Some(MeshPath::Unreachable) => "down".to_string(),
+                };
+                let encryption = match routes.get(name.as_str()) {
+                    Some(PeerRoute::Wireguard) => "wireguard",
+                    Some(PeerRoute::Blocked) => "blocked",
+                    _ => "plain",
+                };
+                let adv = st.and_then(|s| s.wg);
+                PeerSnapshot {
+                    name: name.to_string(),
+                    address: Some(m.addr),
+                    state: if refused.is_some() {
+                        "refused"
+                    } else if established {
+                        "established"
+                    } else {
+                        "connecting"
+                    }
+                    .to_string(),
+                    refused: refused.map(str::to_string),
+                    path,
+                    encryption: encryption.to_string(),
+                    wireguard_ready: adv.is_some_and(|a| a.ready),
+                    last_handshake_age_seconds: st
+                        .and_then(|s| s.last_up)
+                        .map(|t| t.elapsed().as_secs_f64()),
+                    wireguard_handshake_age_seconds: adv
+                        .and_then(|a| wg.and_then(|w| w.handshake_age(&a.public_key))),
+                    probe_rtt_ms: st.and_then(|s| s.rtt).map(|d| d.as_secs_f64() * 1000.0),
+                }
+            })
+            .collect();
+        MeshSnapshot {
+            node: self.me.to_string(),
+            port: self.cfg.port,
+            identity: self.identity_b64.clone(),
+            identity_published: self.identity_published,
+            encryption: EncryptionSnapshot {
+                enabled: wg.is_some(),
+                backend: wg.map(|w| w.backend),
+                ready: wg.is_some_and(Wireguard::ready),
+                public_key: wg.and_then(|w| w.public_key).map(|k| encode_key(&k)),
+                port: wg.map_or(0, |w| w.port),
+                problem: wg.and_then(|w| w.problem.clone()),
+            },
+            peers,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_mesh::wg::config_digest;
+
+    fn n(s: &str) -> NodeName {
+        NodeName::new(s).expect("name")
+    }
+
+    fn cidrs(p: &str) -> Vec<IpNet> {
+        match p {
+            "b" => vec!["10.244.2.0/24".parse().expect("net")],
+            _ => vec![],
+        }
+    }
+
+    #[test]
+    fn routes_follow_refusal_path_and_mixed_mode_readiness() {
+        let direct = MeshPath::Direct;
+        let via_b = MeshPath::Relay { via: n("b") };
+        let down = MeshPath::Unreachable;
+        type Case<'a> = (
+            &'a str,
+            bool,
+            Option<&'a MeshPath>,
+            &'a [&'a str],
+            PeerRoute,
+        );
+        let relay_plain = PeerRoute::VxlanVia {
+            relay: "b".into(),
+            relay_cidrs: cidrs("b"),
+        };
+        let cases: &[Case<'_>] = &[
+            (
+                "refused wins over everything",
+                true,
+                Some(&direct),
+                &["c"],
+                PeerRoute::Blocked,
+            ),
+            (
+                "not probed yet: direct, plain",
+                false,
+                None,
+                &[],
+                PeerRoute::Vxlan,
+            ),
+            (
+                "direct, peer not ready: plain",
+                false,
+                Some(&direct),
+                &["b"],
+                PeerRoute::Vxlan,
+            ),
+            (
+                "direct, both ready: wireguard",
+                false,
+                Some(&direct),
+                &["c"],
+                PeerRoute::Wireguard,
+            ),
+            (
+                "down keeps the direct route",
+                false,
+                Some(&down),
+                &[],
+                PeerRoute::Vxlan,
+            ),
+            (
+                "relayed through b, b not ready: vxlan via b",
+                false,
+                Some(&via_b),
+                &["c"],
+                relay_plain,
+            ),
+            (
+                "relayed through a ready b: wireguard",
+                false,
+                Some(&via_b),
+                &["b"],
+                PeerRoute::Wireguard,
+            ),
+        ];
+        for (what, refused, path, ready, want) in cases {
+            let got = decide_route(
+                "c",
+                RouteInputs {
+                    refused: *refused,
+                    path: *path,
+                },
+                |p| ready.contains(&p),
+                cidrs,
+            );
+            assert_eq!(&got, want, "{what}");
+        }
+    }
+
+    #[test]
+    fn only_evidence_against_a_peer_refuses_it() {
+        assert!(
+            refusal(&CloseReason::Misbehaviour(
+                Misbehaviour::ClusterSecretMismatch
+            ))
+            .is_some()
+        );
+        assert!(refusal(&CloseReason::Refused(RefuseReason::ClusterSecret)).is_some());
+        assert!(
+            refusal(&CloseReason::Misbehaviour(Misbehaviour::NotAdmitted(
+                Admission::KeyMismatch(n("x"))
+            )))
+            .is_some()
+        );
+        // Passing conditions: a key not published yet, a lost connection, a refusal of us
+        // by a peer that has not seen our key yet.
+        assert!(
+            refusal(&CloseReason::Misbehaviour(Misbehaviour::NotAdmitted(
+                Admission::NoPublishedKey(n("x"))
+            )))
+            .is_none()
+        );
+        assert!(refusal(&CloseReason::ConnectionLost("reset".into())).is_none());
+        assert!(refusal(&CloseReason::Refused(RefuseReason::UnknownPeer)).is_none());
+        assert!(refusal(&CloseReason::PeerSilent).is_none());
+    }
+
+    #[test]
+    fn the_snapshot_is_json_with_stable_field_names() {
+        let snap = MeshSnapshot {
+            node: "n1".into(),
+            port: 6786,
+            peers: vec![PeerSnapshot {
+                name: "n2".into(),
+                state: "established".into(),
+                path: "via n3".into(),
+                encryption: "wireguard".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&snap).expect("json")).expect("parse");
+        assert_eq!(v["peers"][0]["path"], "via n3");
+        assert_eq!(v["peers"][0]["encryption"], "wireguard");
+        assert_eq!(v["encryption"]["enabled"], false);
+        let back: MeshSnapshot = serde_json::from_value(v).expect("back");
+        assert_eq!(back, snap);
+    }
+
+    #[test]
+    fn generated_wireguard_keys_are_clamped() {
+        let k = clamp([0xff; 32]);
+        assert_eq!(k[0] & 7, 0);
+        assert_eq!(k[31] & 0x80, 0);
+        assert_eq!(k[31] & 0x40, 0x40);
+    }
+
+    #[test]
+    fn config_digest_changes_with_the_peers() {
+        let a = DeviceConfig {
+            private_key: [1; 32],
+            listen_port: 51820,
+            peers: vec![],
+        };
+        let mut b = a.clone();
+        b.peers.push(PeerConfig {
+            public_key: [2; 32],
+            endpoint: None,
+            allowed_ips: vec![],
+            persistent_keepalive: None,
+        });
+        assert_ne!(config_digest(&a.render()), config_digest(&b.render()));
+    }
+}

@@ -83,7 +83,7 @@ pod_to_pod_keeps_its_source() {
 check pod_to_pod_keeps_its_source
 # The conflist was written once the agent was ready, naming the socket and state dir it uses.
 conflist_names_the_agent() {
-  jq -e --arg s "$WEFT_LAB_DIR/run/node1/agent.sock" '.plugins[0].agentSocket == $s and .plugins[1].type == "portmap"' \
+  jq -e --arg s /run/weft/agent.sock '.plugins[0].agentSocket == $s and .plugins[1].type == "portmap"' \
     "$WEFT_LAB_DIR/run/node1/net.d/10-weft.conflist" >/dev/null
 }
 check conflist_names_the_agent

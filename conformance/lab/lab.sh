@@ -14,7 +14,9 @@
 # Real components only: etcd, kube-apiserver, kube-controller-manager (conformance/k8s), one
 # `weft agent` and one `kube-proxy` (nftables mode) per node namespace; every pod is a network
 # namespace attached by the real `weft-cni` binary. The lab plays the kubelet: it creates pods in
-# the API, attaches them, writes their status and runs their servers.
+# the API, attaches them, writes their status and runs their servers. Each agent runs as the
+# DaemonSet in manifests/ says (its command, args, env, ConfigMap, capability set, volumes and
+# ServiceAccount: conformance/lab/manifest-agent.sh); the lab adds only WEFT_AGENT_ARGS.
 #
 # Env: WEFT_LAB_DIR (default /tmp/weft-lab), CARGO_TARGET_DIR (where weft is built),
 #      WEFT_LAB_DEMO=0 (up without the demo: an empty cluster, e.g. for conformance/lab/bench.sh),
@@ -81,6 +83,8 @@ cmd_up() {
   WEFT_NODES=$nodes bash "$K8S/cluster.sh" up "$DIR/cluster" >&2
   local bin
   bin=$(bash "$K8S/install.sh" --print)
+  # The manifests as the API server has them: RBAC, ConfigMap, the DaemonSet's pod spec, a token.
+  bash "$HERE/manifest-agent.sh" prepare "$DIR" bash "$K8S/cluster.sh" kubectl "$DIR/cluster"
   for ((i = 1; i <= nodes; i++)); do
     local n ns ip
     n=$(node_name "$i"); ns=$(node_ns "$i"); ip=$(node_ip "$i")
@@ -96,12 +100,9 @@ EOF
     wait_for "podCIDRs of $n" 60 bash -c "[[ -n \"\$(bash '$K8S/cluster.sh' kubectl '$DIR/cluster' get node $n -o jsonpath='{.spec.podCIDRs}')\" ]]"
     ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
     mkdir -p "$DIR/run/node$i"
-    start_agent "$i" "$WEFT" agent --node "$n" \
-      --kubeconfig "$DIR/cluster/kubeconfig/node$i.kubeconfig" \
-      --metrics-addr "$ip:6784" --socket "$DIR/run/node$i/agent.sock" \
-      --state-dir "$DIR/run/node$i" --underlay-ip "$ip" \
-      --cluster-cidrs 10.244.0.0/16,fd00:10:244::/48,10.96.0.0/16,fd00:10:96::/112 \
-      --cni-conf-dir "$DIR/run/node$i/net.d" --cni-bin-dir "$TARGET/$PROFILE" ${WEFT_AGENT_ARGS:-}
+    # shellcheck disable=SC2086 # WEFT_AGENT_ARGS is a list of flags
+    start_agent "$i" env WEFT_IMAGE_BIN="$TARGET/$PROFILE" bash "$HERE/manifest-agent.sh" run \
+      "$DIR" "$n" "$DIR/run/node$i" 198.18.0.1:6443 ${WEFT_AGENT_ARGS:-}
     start_bg "kube-proxy-node$i" "$ns" "$bin/kube-proxy" \
       --kubeconfig "$DIR/cluster/kubeconfig/kube-proxy.kubeconfig" \
       --proxy-mode nftables --hostname-override "$n" \

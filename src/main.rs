@@ -114,6 +114,8 @@ enum ConformanceCommand {
 }
 
 #[derive(Args, Debug)]
+// A flag given twice: the later wins (the lab appends test knobs to the manifest's args).
+#[command(args_override_self = true)]
 struct AgentArgs {
     /// This node's name.
     #[arg(long, env = "WEFT_NODE_NAME")]

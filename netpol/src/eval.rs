@@ -107,6 +107,16 @@ pub fn allowed(cluster: &Cluster, conn: &Connection) -> bool {
     judge(cluster, conn).allowed()
 }
 
+/// Whether one node's table admits the connection: the directions that node enforces are the
+/// egress of a source pod and the ingress of a destination pod running on it (the other end's
+/// node judges the rest). Strict conntrack mode deletes the entries of which this says no.
+pub fn node_admits(cluster: &Cluster, node: &str, conn: &Connection) -> bool {
+    let local = |ip: IpAddr| cluster.pod_by_ip(ip).is_some_and(|p| p.node == node);
+    let egress = !local(conn.src) || judge_direction(cluster, conn, Direction::Egress).allows();
+    let ingress = !local(conn.dst) || judge_direction(cluster, conn, Direction::Ingress).allows();
+    egress && ingress
+}
+
 /// Judges both directions of a connection.
 pub fn judge(cluster: &Cluster, conn: &Connection) -> Judgement {
     Judgement {

@@ -51,11 +51,14 @@
 #![deny(unsafe_code)]
 
 pub mod backend;
+pub mod conntrack;
+pub mod counters;
 pub mod dump;
 pub mod error;
 pub mod expr;
 pub mod monitor;
 pub mod netlink;
+pub mod nflog;
 pub mod set;
 mod sys;
 pub mod thread;

@@ -1,6 +1,6 @@
 //! Throwaway network namespaces for kernel tests.
 //!
-//! [`Netns::new`] creates `weft-t-<pid>-<n>` with `ip netns add` and removes it on drop, also
+//! [`Netns::new`] creates `weft-t-<pid>-<n>` (or another prefix, [`use_prefix`]) with `ip netns add` and removes it on drop, also
 //! when the test panics. Namespaces left by a test process that was killed (its pid is gone)
 //! are removed by the next run. Tests that need root skip with a printed reason instead.
 //! The root namespace's firewall is never touched: every `nft` runs under `ip netns exec`.
@@ -15,6 +15,17 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
+static PREFIX: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Makes this test binary name its namespaces `<prefix>-<pid>-<n>` instead of `weft-t-…`
+/// (call it before the first [`Netns::new`]; later calls are ignored).
+pub fn use_prefix(prefix: &'static str) {
+    let _ = PREFIX.set(prefix);
+}
+
+fn prefix() -> &'static str {
+    PREFIX.get().copied().unwrap_or("weft-t")
+}
 
 /// Why kernel tests cannot run here, if they cannot.
 pub fn skip_reason() -> Option<String> {
@@ -71,7 +82,10 @@ fn remove_orphans() {
     };
     for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("weft-t-") else {
+        let Some(rest) = name
+            .strip_prefix(prefix())
+            .and_then(|r| r.strip_prefix('-'))
+        else {
             continue;
         };
         let pid = rest.split('-').next().unwrap_or("");
@@ -86,7 +100,8 @@ impl Netns {
     pub fn new() -> Netns {
         remove_orphans();
         let name = format!(
-            "weft-t-{}-{}",
+            "{}-{}-{}",
+            prefix(),
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );

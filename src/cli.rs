@@ -1,12 +1,17 @@
-//! The operator's tools: `weft status`, `weft explain`, `weft audit`, `weft cleanup`.
+//! The operator's tools: `weft status [--drops]`, `weft explain`, `weft audit`, `weft flows`,
+//! `weft cleanup`, `weft version`.
 //!
-//! The first three ask the node's running agent over its root-only unix socket (plain HTTP
-//! GET); `cleanup` works without an agent, straight on the kernel. Output is for people;
-//! `--json` where the answer has a machine form. Exit codes: 0 fine, 1 the answer reports a
-//! problem (denied connection explained with a mismatch, drift), 2 the question could not be
-//! answered (no agent, bad arguments).
+//! `status`, `explain` and `audit` ask the node's running agent over its root-only unix socket
+//! (plain HTTP GET); `flows`, the counters of `status --drops` and `cleanup` read the kernel
+//! directly (conntrack and weft's table), so they answer with the agent down too. Output is
+//! for people; every command that prints takes `--json` for scripts. Exit codes: 0 fine, 1 the
+//! answer reports a problem (denied connection explained with a mismatch, drift), 2 the
+//! question could not be answered (no agent, bad arguments), with one line on stderr saying
+//! what to do.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
+use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::ExitCode;
@@ -16,7 +21,7 @@ use std::time::Duration;
 pub fn get(socket: &Path, path: &str) -> Result<(u16, String), String> {
     let mut s = UnixStream::connect(socket).map_err(|e| {
         format!(
-            "cannot reach the weft agent at {} ({e}): is it running on this node?",
+            "cannot reach the weft agent at {} ({e}): start the agent on this node (the weft DaemonSet pod) or give its socket with --socket",
             socket.display()
         )
     })?;
@@ -55,30 +60,94 @@ fn finish(result: Result<(u16, String), String>) -> ExitCode {
     }
 }
 
-/// `weft explain SRC DST [PORT/PROTO]`.
-pub fn explain(socket: &Path, src: &str, dst: &str, port_proto: &str) -> ExitCode {
+/// `weft version [--json]`.
+pub fn version(json: bool) -> ExitCode {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "nft_schema": weft_netpol::ruleset::SCHEMA_VERSION,
+            })
+        );
+    } else {
+        println!("weft {}", crate::VERSION);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Prints an agent's text answer as JSON: `{ "problem", "answer" }` plus `extra`.
+fn finish_json(
+    result: Result<(u16, String), String>,
+    extra: impl FnOnce(&str, bool) -> serde_json::Value,
+) -> ExitCode {
+    match result {
+        Ok((code @ (200 | 409), body)) => {
+            let problem = code == 409;
+            let mut v = extra(&body, problem);
+            v["problem"] = problem.into();
+            v["answer"] = body.into();
+            println!("{v}");
+            ExitCode::from(u8::from(problem))
+        }
+        Ok((_, body)) => {
+            eprint!("weft: {body}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("weft: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `weft explain SRC DST [PORT/PROTO] [--json]`.
+pub fn explain(socket: &Path, src: &str, dst: &str, port_proto: &str, json: bool) -> ExitCode {
     let (port, proto) = port_proto.split_once('/').unwrap_or((port_proto, "tcp"));
-    if port.parse::<u16>().is_err() {
+    let Ok(port_number) = port.parse::<u16>() else {
         eprintln!("weft explain: {port_proto:?}: expected PORT or PORT/PROTO, e.g. 8080/tcp");
         return ExitCode::from(2);
-    }
+    };
     let enc = |s: &str| s.replace('/', "%2F");
-    finish(get(
+    let answer = get(
         socket,
         &format!(
             "/explain?src={}&dst={}&port={port}&proto={proto}",
             enc(src),
             enc(dst)
         ),
-    ))
+    );
+    if !json {
+        return finish(answer);
+    }
+    finish_json(answer, |body, _| {
+        // The first line ends with the verdict (agent/query.rs writes it).
+        let first = body.lines().next().unwrap_or("");
+        serde_json::json!({
+            "src": src,
+            "dst": dst,
+            "port": port_number,
+            "protocol": proto.to_ascii_lowercase(),
+            "allowed": first.ends_with(": ALLOWED"),
+        })
+    })
 }
 
-/// `weft audit [--repair]`.
-pub fn audit(socket: &Path, repair: bool) -> ExitCode {
-    finish(get(
-        socket,
-        if repair { "/audit?repair=1" } else { "/audit" },
-    ))
+/// `weft audit [--repair] [--json]`.
+pub fn audit(socket: &Path, repair: bool, json: bool) -> ExitCode {
+    let answer = get(socket, if repair { "/audit?repair=1" } else { "/audit" });
+    if !json {
+        return finish(answer);
+    }
+    finish_json(answer, |body, problem| {
+        // One op a line, indented, after the heading (agent/query.rs writes it).
+        let ops: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("  ")).collect();
+        serde_json::json!({
+            "clean": !problem,
+            "repaired": repair && problem,
+            "ops": ops,
+        })
+    })
 }
 
 /// `weft status [--json]`.
@@ -152,6 +221,315 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
             }
         }
         _ => println!("no object errors"),
+    }
+    ExitCode::SUCCESS
+}
+
+/// Reads weft's table from the kernel of this node (for the commands that need no agent).
+fn kernel_table(table: &str) -> Result<weft_netpol::Ruleset, String> {
+    let nft = weft_nft::thread::NftThread::spawn()
+        .map_err(|e| format!("cannot read nftables (run as root on the node): {e}"))?;
+    nft.dump(table)
+        .map_err(|e| format!("reading table inet {table}: {e}"))?
+        .ok_or_else(|| {
+            format!("no table inet {table} on this node: is the weft agent running here?")
+        })
+}
+
+/// The rule-id fields of the table's mark writes: `(field bits, "ingress" | "egress")`, and
+/// `(field, value) → rule comments` (ids may collide: all of them).
+type MarkTable = (Vec<(u32, &'static str)>, BTreeMap<(u32, u32), Vec<String>>);
+
+fn mark_table(rs: &weft_netpol::Ruleset) -> MarkTable {
+    use weft_netpol::ruleset::Action;
+    let mut fields = Vec::new();
+    let mut ids: BTreeMap<(u32, u32), Vec<String>> = BTreeMap::new();
+    for chain in rs.chains.values() {
+        let direction = if chain.def.name.ends_with("-in") {
+            "ingress"
+        } else {
+            "egress"
+        };
+        for r in &chain.rules {
+            if let Action::MarkAccept(m) = r.action {
+                if !fields.iter().any(|(f, _)| *f == m.field) {
+                    fields.push((m.field, direction));
+                }
+                let list = ids.entry((m.field, m.value)).or_default();
+                let c = r.comment.clone().unwrap_or_default();
+                if !list.contains(&c) {
+                    list.push(c);
+                }
+            }
+        }
+    }
+    fields.sort_by_key(|(_, d)| *d != "ingress");
+    (fields, ids)
+}
+
+fn proto_name(p: u8) -> String {
+    match weft_netpol::ruleset::Protocol::from_number(p) {
+        Some(p) => p.keyword().to_string(),
+        None if p == 1 => "icmp".into(),
+        None if p == 58 => "icmpv6".into(),
+        None => p.to_string(),
+    }
+}
+
+/// `weft flows [--json] [--all]`: live conntrack entries with the rules that admitted them.
+pub fn flows(table: &str, json: bool, all: bool) -> ExitCode {
+    let rs = match kernel_table(table) {
+        Ok(rs) => rs,
+        Err(e) => {
+            eprintln!("weft flows: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let entries = match weft_nft::conntrack::Conntrack::open().and_then(|mut ct| ct.dump()) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("weft flows: reading conntrack (run as root on the node): {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let local: BTreeSet<IpAddr> = weft_netpol::ruleset::Family::ALL
+        .into_iter()
+        .filter_map(|f| rs.sets.get(&weft_netpol::compile::names::pods_local(f)))
+        .flat_map(|s| s.elements.keys())
+        .filter_map(|k| match k.from.first() {
+            Some(weft_netpol::ruleset::Value::V4(a)) => Some(IpAddr::V4(*a)),
+            Some(weft_netpol::ruleset::Value::V6(a)) => Some(IpAddr::V6(*a)),
+            _ => None,
+        })
+        .collect();
+    let (fields, ids) = mark_table(&rs);
+    let mut out = Vec::new();
+    for e in &entries {
+        let (src, dst, _, _) = e.judged();
+        if !all && !local.contains(&src) && !local.contains(&dst) {
+            continue;
+        }
+        let mut admitted = serde_json::Map::new();
+        for (field, direction) in &fields {
+            let value = e.mark & field;
+            let v = if value == 0 {
+                serde_json::Value::Null
+            } else {
+                serde_json::json!({
+                    "id": value >> field.trailing_zeros(),
+                    "rules": ids.get(&(*field, value)).cloned().unwrap_or_default(),
+                })
+            };
+            admitted.insert((*direction).to_string(), v);
+        }
+        out.push(serde_json::json!({
+            "protocol": proto_name(e.orig.proto),
+            "state": e.tcp_state_name(),
+            "src": e.orig.src.to_string(),
+            "sport": e.orig.sport,
+            "dst": e.orig.dst.to_string(),
+            "dport": e.orig.dport,
+            "translated_dst": (e.reply.src != e.orig.dst).then(|| e.reply.src.to_string()),
+            "translated_dport": (e.reply.src != e.orig.dst).then_some(e.reply.sport).flatten(),
+            "mark": e.mark,
+            "timeout_seconds": e.timeout,
+            "admitted_by": admitted,
+        }));
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "marks": !fields.is_empty(), "flows": out })
+        );
+        return ExitCode::SUCCESS;
+    }
+    if fields.is_empty() {
+        println!(
+            "note: this table writes no conntrack marks (agent flag --ct-mark-bits 0): flows are listed without their rules"
+        );
+    }
+    println!(
+        "{} flow(s){}; a rule id 0 (-) means no rule of this node admitted that direction: not isolated, judged by the other end's node, or the pod's own node",
+        out.len(),
+        if all { "" } else { " of local pods" }
+    );
+    for (f, e) in out.iter().zip(entries.iter().filter(|e| {
+        let (src, dst, _, _) = e.judged();
+        all || local.contains(&src) || local.contains(&dst)
+    })) {
+        let nat = match (&f["translated_dst"], e.reply.sport) {
+            (serde_json::Value::String(d), Some(p)) => format!(" (to {d}:{p})"),
+            (serde_json::Value::String(d), None) => format!(" (to {d})"),
+            _ => String::new(),
+        };
+        println!(
+            "{:<6} {:<12} {}{nat}",
+            proto_name(e.orig.proto),
+            e.tcp_state_name().unwrap_or("-"),
+            e.orig
+        );
+        for (_, direction) in &fields {
+            let line = match &f["admitted_by"][*direction] {
+                serde_json::Value::Null => "-".to_string(),
+                v => {
+                    let rules: Vec<String> = v["rules"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|r| r.as_str().map(str::to_string))
+                        .collect();
+                    match rules.len() {
+                        0 => format!("rule id {} (no such rule any more)", v["id"]),
+                        1 => rules[0].clone(),
+                        _ => format!("one of: {}", rules.join(" | ")),
+                    }
+                }
+            };
+            println!("         {direction:<8} {line}");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `weft status --drops [--json]`: the drop log's recent entries and the per-rule counters,
+/// with the isolating policies.
+pub fn drops(socket: &Path, table: &str, json: bool) -> ExitCode {
+    use crate::agent::drops::{DropFile, file_for};
+    // The drop log is the agent's: say so clearly when it is not there.
+    if let Err(e) = get(socket, "/healthz") {
+        eprintln!("weft status --drops: {e}");
+        return ExitCode::from(2);
+    }
+    let rs = match kernel_table(table) {
+        Ok(rs) => rs,
+        Err(e) => {
+            eprintln!("weft status --drops: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let counters = match weft_nft::counters::rule_counters(table) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("weft status --drops: reading the rule counters (run as root): {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let path = file_for(socket);
+    let log: Option<DropFile> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    // group chain → its drop rule's comment ("ingress isolated by ns/a, ns/b: no rule allows").
+    let isolating = |chain: &str| -> String {
+        rs.chains
+            .get(chain)
+            .and_then(|c| c.rules.last())
+            .and_then(|r| r.comment.clone())
+            .unwrap_or_else(|| format!("{chain} (gone from the table)"))
+    };
+    let drop_counters: Vec<_> = counters
+        .iter()
+        .filter(|c| c.chain.starts_with("grp-"))
+        .collect();
+    let accept_counters: Vec<_> = counters
+        .iter()
+        .filter(|c| c.chain.starts_with("pol-"))
+        .collect();
+    let base_counters: Vec<_> = counters
+        .iter()
+        .filter(|c| !c.chain.starts_with("grp-") && !c.chain.starts_with("pol-"))
+        .collect();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    if json {
+        let counter = |c: &&weft_nft::counters::RuleCounter| {
+            serde_json::json!({
+                "chain": c.chain, "comment": c.comment, "packets": c.packets, "bytes": c.bytes,
+            })
+        };
+        let recent: Vec<serde_json::Value> = log
+            .iter()
+            .flat_map(|l| &l.recent)
+            .map(|r| {
+                serde_json::json!({
+                    "at_ms": r.at_ms, "group_chain": r.group_chain,
+                    "isolated_by": isolating(&r.group_chain),
+                    "protocol": proto_name(r.proto), "src": r.src, "sport": r.sport,
+                    "dst": r.dst, "dport": r.dport,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "drop_log": log.as_ref().map(|l| serde_json::json!({
+                    "group": l.group, "total": l.total, "recent": recent,
+                })),
+                "group_drops": drop_counters.iter().map(counter).collect::<Vec<_>>(),
+                "policy_accepts": accept_counters.iter().map(counter).collect::<Vec<_>>(),
+                "base_chain_counters": base_counters.iter().map(counter).collect::<Vec<_>>(),
+            })
+        );
+        return ExitCode::SUCCESS;
+    }
+    match &log {
+        None => println!(
+            "no drop log at {} (start the agent with --log-drops to record denied connections)",
+            path.display()
+        ),
+        Some(l) => {
+            println!(
+                "denied new connections: {} since the agent started (nflog group {}, rate-limited), the last {}:",
+                l.total,
+                l.group,
+                l.recent.len()
+            );
+            for r in &l.recent {
+                let at = |a: &str, p: Option<u16>| match p {
+                    Some(p) if a.contains(':') => format!("[{a}]:{p}"),
+                    Some(p) => format!("{a}:{p}"),
+                    None => a.to_string(),
+                };
+                println!(
+                    "  {:>7.1}s ago  {:<5} {} -> {}  {}",
+                    now_ms.saturating_sub(r.at_ms) as f64 / 1000.0,
+                    proto_name(r.proto),
+                    at(&r.src, r.sport),
+                    at(&r.dst, r.dport),
+                    isolating(&r.group_chain)
+                );
+            }
+        }
+    }
+    println!("drops per group chain (packets, bytes):");
+    for c in &drop_counters {
+        println!(
+            "  {:>10} {:>12}  {}  [{}]",
+            c.packets,
+            c.bytes,
+            c.comment.as_deref().unwrap_or(""),
+            c.chain
+        );
+    }
+    println!("accepts per policy rule (packets, bytes):");
+    for c in &accept_counters {
+        println!(
+            "  {:>10} {:>12}  {}",
+            c.packets,
+            c.bytes,
+            c.comment.as_deref().unwrap_or(&c.chain)
+        );
+    }
+    println!("base chains (packets, bytes):");
+    for c in &base_counters {
+        println!(
+            "  {:>10} {:>12}  {}: {}",
+            c.packets,
+            c.bytes,
+            c.chain,
+            c.comment.as_deref().unwrap_or("")
+        );
     }
     ExitCode::SUCCESS
 }

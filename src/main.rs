@@ -25,7 +25,11 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Print the version and the nft schema version.
-    Version,
+    Version {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compile a small example cluster, print every node's ruleset and the connectivity table
     /// (simulated ruleset, cross-checked against the policy evaluator).
     Demo,
@@ -46,6 +50,23 @@ enum Command {
         /// The raw JSON state.
         #[arg(long)]
         json: bool,
+        /// Recent denied new connections (with --log-drops) and the per-rule counters, with
+        /// the isolating policies.
+        #[arg(long)]
+        drops: bool,
+    },
+    /// Live connections through this node's policy, with the rules that let them in (from
+    /// the conntrack mark and the kernel's rule comments; no agent needed).
+    Flows {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also connections no local pod takes part in.
+        #[arg(long)]
+        all: bool,
+        /// Table name.
+        #[arg(long, default_value = "weft")]
+        table: String,
     },
     /// Why is a connection allowed or denied? SRC and DST are namespace/name or IPs.
     Explain {
@@ -59,6 +80,9 @@ enum Command {
         /// The agent's socket.
         #[arg(long, default_value = "/run/weft/agent.sock")]
         socket: PathBuf,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Compare the kernel's table with the desired one; exit 1 on drift.
     Audit {
@@ -68,6 +92,9 @@ enum Command {
         /// The agent's socket.
         #[arg(long, default_value = "/run/weft/agent.sock")]
         socket: PathBuf,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Uninstall from this node: weft's nft tables, the tunnel and pod links, the state dir.
     Cleanup {
@@ -187,6 +214,9 @@ struct AgentArgs {
     /// userspace `weft-wg`), `userspace`, or `kernel`.
     #[arg(long, env = "WEFT_WIREGUARD", default_value = "auto", value_parser = ["auto", "userspace", "kernel"])]
     wireguard: String,
+    /// Conntrack marks, strict conntrack mode, the drop log.
+    #[command(flatten)]
+    flows: agent::conntrack::FlowArgs,
     /// Test-only fault injection: `panic-policy=NAME` or `panic-watch=KIND`.
     #[arg(long, env = "WEFT_FAULT_INJECT", hide = true)]
     inject: Option<String>,
@@ -199,20 +229,34 @@ pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (nft schema 1)");
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        None | Some(Command::Version) => {
-            println!("weft {VERSION}");
-            ExitCode::SUCCESS
-        }
+        None => cli::version(false),
+        Some(Command::Version { json }) => cli::version(json),
+        Some(Command::Flows { json, all, table }) => cli::flows(&table, json, all),
         Some(Command::Agent(args)) => run_agent(*args),
         Some(Command::Lab { args }) => run_lab(&args),
-        Some(Command::Status { socket, json }) => cli::status(&socket, json),
+        Some(Command::Status {
+            socket,
+            json,
+            drops,
+        }) => {
+            if drops {
+                cli::drops(&socket, "weft", json)
+            } else {
+                cli::status(&socket, json)
+            }
+        }
         Some(Command::Explain {
             src,
             dst,
             port,
             socket,
-        }) => cli::explain(&socket, &src, &dst, &port),
-        Some(Command::Audit { repair, socket }) => cli::audit(&socket, repair),
+            json,
+        }) => cli::explain(&socket, &src, &dst, &port, json),
+        Some(Command::Audit {
+            repair,
+            socket,
+            json,
+        }) => cli::audit(&socket, repair, json),
         Some(Command::Cleanup { table, state_dir }) => cli::cleanup(&table, state_dir.as_deref()),
         Some(Command::Conformance {
             command:
@@ -294,6 +338,14 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         )
         .with_target(false)
         .init();
+    if let Err(e) = args
+        .flows
+        .observability()
+        .and_then(weft_netpol::compile::configure)
+    {
+        eprintln!("weft agent: --ct-mark-shift/--ct-mark-bits: {e}");
+        return ExitCode::from(2);
+    }
     let mut watch = agent::watch::WatchConfig {
         stall_timeout: Duration::from_secs(args.stall_timeout),
         ..Default::default()
@@ -364,6 +416,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
         cni_bin_dir: args.cni_bin_dir,
         cleanup_min_age: Duration::from_secs(args.cleanup_min_age),
         mesh,
+        flows: args.flows,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -168,6 +168,8 @@ pub struct Controller {
     /// Pods changed since [`Shared::live_pod_uids`] was last published, and when that was.
     uids_dirty: bool,
     uids_published: Option<Instant>,
+    /// Strict conntrack mode: a purge pass after each committed change (`None`: off).
+    strict: Option<super::conntrack::Strict>,
 }
 
 impl Controller {
@@ -198,7 +200,15 @@ impl Controller {
             nodes_tx: None,
             uids_dirty: true,
             uids_published: None,
+            strict: None,
         }
+    }
+
+    /// Strict conntrack mode: after each committed change, delete the conntrack entries the
+    /// policies no longer admit.
+    pub fn with_strict_conntrack(mut self) -> Controller {
+        self.strict = Some(super::conntrack::Strict::new());
+        self
     }
 
     /// Publishes every node change to the dataplane.
@@ -553,6 +563,9 @@ impl Controller {
                     .nft_ops
                     .fetch_add(ops.len() as u64, Ordering::Relaxed);
                 debug!(element_ops, elements, other, "transaction committed");
+                if let (Some(strict), Phase::Running { engine }) = (&mut self.strict, &self.phase) {
+                    strict.after_apply(engine.cluster(), &self.cfg.node);
+                }
                 true
             }
             Err(e) => {

@@ -9,8 +9,10 @@
 //! the table without a flush. Only `weft cleanup` (later) removes rules.
 
 pub mod backend;
+pub mod conntrack;
 pub mod controller;
 pub mod dataplane;
+pub mod drops;
 pub mod http;
 pub mod mesh;
 pub mod metrics;
@@ -70,6 +72,8 @@ pub struct AgentConfig {
     pub cleanup_min_age: Duration,
     /// The node mesh and encryption (`None`: off, `--mesh-secret-file` not given).
     pub mesh: Option<mesh::MeshConfig>,
+    /// Conntrack marks, strict mode, drop log.
+    pub flows: conntrack::FlowArgs,
 }
 
 async fn client(cfg: &AgentConfig) -> anyhow::Result<Client> {
@@ -154,6 +158,16 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(ev_tx),
     )
     .with_nodes_channel(nodes_tx);
+    let controller = if cfg.flows.strict_conntrack && !cfg.dry_run {
+        info!("strict conntrack mode: flows the policies no longer admit are cut");
+        controller.with_strict_conntrack()
+    } else {
+        controller
+    };
+    if cfg.flows.log_drops && !cfg.dry_run {
+        drops::spawn(cfg.flows.log_drops_group, drops::file_for(&cfg.socket))
+            .context("starting the drop log listener")?;
+    }
     *shared.queries.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
     let gate = Arc::new(dataplane::AgentGate::new(shared.clone(), tx.clone()));
     let slot: dataplane::ServiceSlot = Arc::default();

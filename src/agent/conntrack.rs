@@ -1,0 +1,201 @@
+//! Conntrack in the agent: the flags for marks, strict mode and the drop log, and the strict
+//! mode pass itself.
+//!
+//! **Marks** (on by default): every policy rule that accepts a new connection writes its
+//! node-local rule id into a field of the connection's conntrack mark (ingress field at
+//! `--ct-mark-shift`, egress field right above it, `--ct-mark-bits` each; other bits are never
+//! touched). Id 0 in a field: no rule of this node admitted that direction (not isolated, the
+//! other end's node judged it, or traffic between a pod and its own node). `weft flows`
+//! decodes marks with the rule comments of the kernel's table (`… id=N`).
+//!
+//! **Default mode**: established connections keep going after a policy change (DESIGN §2).
+//! **Strict mode** (`--strict-conntrack`): after every reconcile that changed the kernel's
+//! table, the agent reads the conntrack table, judges each TCP/UDP/SCTP entry that involves a
+//! local pod with the policy evaluator (what this node enforces: egress of its source pods,
+//! ingress of its destination pods), and deletes, one by one by tuple and kernel id, those the
+//! policies no longer admit. Never a flush. Entries of the node's own addresses are left alone
+//! (pod ↔ own node is always allowed), as are other protocols (ICMP entries expire in 30 s).
+//!
+//! **Drop log** (`--log-drops`): a rate-limited `log group N` before each group chain's drop;
+//! [`super::drops`] keeps the recent ones for `weft status --drops`.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv6Addr};
+use std::time::Instant;
+
+use tracing::{info, warn};
+use weft_netpol::compile::{DropLog, MarkLayout, Observability};
+use weft_netpol::eval::{self, Connection};
+use weft_netpol::model::Cluster;
+use weft_netpol::ruleset::Protocol;
+use weft_nft::conntrack::{self, Conntrack, Entry};
+
+/// The agent's flags for conntrack marks, strict mode and the drop log.
+#[derive(clap::Args, Clone, Debug)]
+pub struct FlowArgs {
+    /// Bit position of the ingress rule-id field in the conntrack mark; the egress field
+    /// starts right above it. Other mark bits are never touched.
+    #[arg(long, default_value_t = 8)]
+    pub ct_mark_shift: u32,
+    /// Bits of each rule-id field (ids 1 to 2^bits - 1); 0: accept rules write no mark.
+    #[arg(long, default_value_t = 12)]
+    pub ct_mark_bits: u32,
+    /// Strict conntrack mode: after a policy change, delete the conntrack entries the
+    /// policies no longer admit (by tuple, never a flush). Default: established flows keep
+    /// going.
+    #[arg(long)]
+    pub strict_conntrack: bool,
+    /// Log denied new connections (rate-limited, to an nflog group the agent listens on;
+    /// `weft status --drops` shows them).
+    #[arg(long)]
+    pub log_drops: bool,
+    /// nflog group of the drop log.
+    #[arg(long, default_value_t = 5)]
+    pub log_drops_group: u16,
+    /// Denied connections logged per second and group chain (burst: 5).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub log_drops_rate: u64,
+}
+
+impl FlowArgs {
+    /// What the compiler writes, from the flags.
+    pub fn observability(&self) -> Result<Observability, String> {
+        let marks = match self.ct_mark_bits {
+            0 => None,
+            bits => Some(MarkLayout::new(self.ct_mark_shift, bits)?),
+        };
+        Ok(Observability {
+            marks,
+            drop_log: self.log_drops.then_some(DropLog {
+                group: self.log_drops_group,
+                rate_per_second: self.log_drops_rate,
+                burst: weft_netpol::ruleset::DEFAULT_LIMIT_BURST,
+            }),
+        })
+    }
+}
+
+/// The node's own addresses (pod ↔ own node traffic never crosses the forward hook and is
+/// always allowed): IPv4 from `/proc/net/fib_trie` (`/32 host LOCAL`), IPv6 from
+/// `/proc/net/if_inet6`.
+pub fn node_addresses() -> BTreeSet<IpAddr> {
+    let mut out = BTreeSet::new();
+    if let Ok(trie) = std::fs::read_to_string("/proc/net/fib_trie") {
+        let mut last: Option<IpAddr> = None;
+        for line in trie.lines() {
+            let t = line.trim_start();
+            if let Some(addr) = t.strip_prefix("|-- ").or_else(|| t.strip_prefix("+-- ")) {
+                last = addr.split('/').next().and_then(|a| a.parse().ok());
+            } else if t.starts_with("/32 host LOCAL")
+                && let Some(a) = last
+            {
+                out.insert(a);
+            }
+        }
+    }
+    if let Ok(v6) = std::fs::read_to_string("/proc/net/if_inet6") {
+        for line in v6.lines() {
+            let hex = line.split_whitespace().next().unwrap_or("");
+            if let Ok(n) = u128::from_str_radix(hex, 16)
+                && hex.len() == 32
+            {
+                out.insert(IpAddr::V6(Ipv6Addr::from(n)));
+            }
+        }
+    }
+    out
+}
+
+/// Whether this node's policies still admit a conntrack entry; `None`: not for strict mode to
+/// judge (another protocol, the node's own traffic).
+pub fn judge(cluster: &Cluster, node: &str, own: &BTreeSet<IpAddr>, e: &Entry) -> Option<bool> {
+    let (src, dst, proto, port) = e.judged();
+    let protocol = Protocol::from_number(proto)?;
+    if own.contains(&src) || own.contains(&dst) {
+        return None;
+    }
+    let conn = Connection {
+        src,
+        dst,
+        protocol,
+        port: port?,
+    };
+    Some(eval::node_admits(cluster, node, &conn))
+}
+
+/// Strict mode: one purge pass after each reconcile that changed the kernel.
+#[derive(Debug, Default)]
+pub struct Strict {
+    /// Passes that failed in a row (logged once per streak).
+    failing: u32,
+}
+
+impl Strict {
+    /// Strict mode on.
+    pub fn new() -> Strict {
+        Strict::default()
+    }
+
+    /// Deletes the entries `cluster`'s policies no longer admit on `node`. Failures are
+    /// logged and leave enforcement alone: only established flows outlive their policy.
+    /// The ctnetlink socket is opened per pass (it is not `Send`; the controller moves).
+    pub fn after_apply(&mut self, cluster: &Cluster, node: &str) {
+        let started = Instant::now();
+        let own = node_addresses();
+        let result = Conntrack::open()
+            .and_then(|mut ct| conntrack::purge(&mut ct, |e| judge(cluster, node, &own, e)));
+        match result {
+            Ok(report) => {
+                self.failing = 0;
+                for t in &report.deleted {
+                    info!(flow = %t, proto = t.proto, "strict conntrack: deleted a flow the policies no longer admit");
+                }
+                if !report.deleted.is_empty() || report.gone > 0 {
+                    info!(
+                        seen = report.seen,
+                        judged = report.judged,
+                        deleted = report.deleted.len(),
+                        already_gone = report.gone,
+                        ms = started.elapsed().as_millis() as u64,
+                        "strict conntrack pass"
+                    );
+                }
+            }
+            Err(e) => {
+                if self.failing == 0 {
+                    warn!(error = %e, "strict conntrack pass failed: flows of tightened policies keep going until a later pass succeeds (runs after every change)");
+                }
+                self.failing += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_make_the_documented_layout_and_refuse_what_does_not_fit() {
+        let args = |shift, bits, log| FlowArgs {
+            ct_mark_shift: shift,
+            ct_mark_bits: bits,
+            strict_conntrack: false,
+            log_drops: log,
+            log_drops_group: 5,
+            log_drops_rate: 10,
+        };
+        let o = args(8, 12, false).observability().unwrap();
+        assert_eq!(o, Observability::default());
+        assert_eq!(args(0, 0, false).observability().unwrap().marks, None);
+        assert!(args(20, 8, false).observability().is_err());
+        let log = args(8, 12, true).observability().unwrap().drop_log.unwrap();
+        assert_eq!((log.group, log.rate_per_second, log.burst), (5, 10, 5));
+    }
+
+    #[test]
+    fn the_node_has_a_loopback_address() {
+        let own = node_addresses();
+        assert!(own.contains(&"127.0.0.1".parse().unwrap()), "{own:?}");
+    }
+}

@@ -87,5 +87,58 @@ conflist_names_the_agent() {
     "$WEFT_LAB_DIR/run/node1/net.d/10-weft.conflist" >/dev/null
 }
 check conflist_names_the_agent
+# hostPort: the conflist the agent wrote chains the reference `portmap` plugin. Run it as node
+# 1's kubelet would: libcni's cnitool in node 1's own view (the agent's mount namespace, where
+# /etc/cni/net.d, /opt/cni/bin and /run/weft are node 1's, and its network namespace), with
+# portmap installed beside weft-cni. A client outside the cluster reaches the pod through node
+# 1's address; CNI DEL removes the mapping (both read with nft, the independent reader).
+REPO=$(cd "$HERE/../.." && pwd)
+kc() { bash "$REPO/conformance/k8s/cluster.sh" kubectl "$WEFT_LAB_DIR/cluster" "$@"; }
+HP_NS=$P-pod-hostport-web
+node1_has_30080() { ip netns exec $P-node1 nft -j list ruleset | jq -e '[.. | numbers | select(. == 30080)] | length > 0' >/dev/null; }
+node1_cni() { # add|del
+  CNI_ARGS="IgnoreUnknown=1;K8S_POD_NAMESPACE=hostport;K8S_POD_NAME=web;K8S_POD_UID=$HP_UID" \
+    CAP_ARGS='{"portMappings":[{"hostPort":30080,"containerPort":8080,"protocol":"tcp"}]}' \
+    nsenter -t "$(cat "$WEFT_LAB_DIR/pids/agent-node1.pid")" -m -n \
+    env NETCONFPATH=/etc/cni/net.d CNI_PATH=/opt/cni/bin CNI_IFNAME=eth0 "$CNITOOL" "$1" weft "/run/netns/$HP_NS"
+}
+hostport_reaches_the_pod() {
+  local portmap res ip got i
+  CNITOOL=$(bash "$REPO/conformance/cni/install-cnitool.sh") || return 1
+  portmap=$(bash "$REPO/conformance/cni/install-cnitool.sh" --portmap) || return 1
+  cp "$portmap" "$WEFT_LAB_DIR/run/node1/cni-bin/portmap"  # the node's CNI plugin directory
+  kc create namespace hostport >/dev/null || return 1
+  kc -n hostport apply -f - >/dev/null <<EOF || return 1
+apiVersion: v1
+kind: Pod
+metadata: {name: web, labels: {app: web}}
+spec:
+  nodeName: $P-node1
+  containers: [{name: main, image: lab/none, ports: [{containerPort: 8080, hostPort: 30080, protocol: TCP}]}]
+EOF
+  HP_UID=$(kc -n hostport get pod web -o jsonpath='{.metadata.uid}')
+  ip netns add "$HP_NS" && ip -n "$HP_NS" link set lo up || return 1
+  node1_has_30080 && { echo "  a mapping for 30080 exists before ADD"; return 1; }
+  res=$(node1_cni add 2>&1) || { echo "  cnitool add: $res"; return 1; }
+  ip=$(jq -r '[.ips[].address | split("/")[0] | select(contains(":") | not)][0]' <<<"$res")
+  kc -n hostport patch pod web --subresource=status --type=merge \
+    -p "{\"status\":{\"phase\":\"Running\",\"podIP\":\"$ip\",\"podIPs\":[{\"ip\":\"$ip\"}],\"hostIP\":\"198.18.0.11\"}}" >/dev/null
+  ip netns exec "$HP_NS" timeout 30 socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:'echo hostport-ok' >/dev/null 2>&1 &
+  HP_SERVER=$!
+  for i in $(seq 1 25); do
+    got=$(ip netns exec $P-host socat -T2 - TCP:198.18.0.11:30080,connect-timeout=2 </dev/null 2>/dev/null) && [[ $got == hostport-ok ]] && break
+    sleep 0.2
+  done
+  [[ $got == hostport-ok ]] || { echo "  198.18.0.11:30080 from outside answered '${got:-nothing}'"; return 1; }
+  node1_has_30080 || { echo "  no mapping for 30080 in node 1's ruleset"; return 1; }
+  res=$(node1_cni del 2>&1) || { echo "  cnitool del: $res"; return 1; }
+  node1_has_30080 && { echo "  the mapping for 30080 survived DEL"; return 1; }
+  # The server still listens in the pod: only the mapping is gone.
+  got=$(ip netns exec $P-host socat -T1 - TCP:198.18.0.11:30080,connect-timeout=1 </dev/null 2>/dev/null)
+  kill "$HP_SERVER" 2>/dev/null; wait "$HP_SERVER" 2>/dev/null
+  [[ $got != hostport-ok ]] || { echo "  still reachable after DEL"; return 1; }
+  return 0
+}
+check hostport_reaches_the_pod
 echo "lab-test: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -35,9 +35,9 @@
 #   7. exec command + args (with `$(VAR)` expanded from that env) + EXTRA_AGENT_ARGS (the lab's
 #      test knobs, e.g. a short stall timeout; printed so nothing is hidden).
 #
-# Mount points the kubelet would create (/run/weft, /var/lib/weft, /var/run/secrets/...) are
-# made on the machine if missing (empty directories); /host exists only while the init
-# container runs.
+# Mount points the kubelet would create for the agent (/run/weft, /var/lib/weft,
+# /var/run/secrets/...) are made on the machine if missing (empty directories); the init
+# container's (/host/...) exist only in its own overlay.
 #
 # Env for `run`: WEFT_IMAGE_BIN (directory holding the built weft and weft-cni; required).
 set -euo pipefail
@@ -95,31 +95,37 @@ cmd_inside() {
       *) echo "$1" ;;
     esac
   }
-  mount_volumes() { # container JSON
-    local name mpath hpath src
+  mount_volumes() { # container-JSON [root]
+    local name mpath hpath src root=${2:-}
     while IFS=$'\t' read -r name mpath; do
       hpath=$(jq -r --arg n "$name" '.volumes[] | select(.name == $n) | .hostPath.path // empty' <<<"$spec")
       [[ -n $hpath ]] || die "volume $name is not a hostPath: the lab cannot provide it"
       src=$(host_path "$hpath")
       [[ -e $src ]] || die "volume $name: $src does not exist"
       # The machine's own path at the same place: already visible (slave propagation).
-      [[ $src == "$mpath" ]] && continue
+      [[ -z $root && $src == "$mpath" ]] && continue
+      mpath=$root$mpath
       [[ -e $mpath ]] || { if [[ -d $src ]]; then mkdir -p "$mpath"; else mkdir -p "$(dirname "$mpath")"; : >"$mpath"; fi; }
       mount --bind "$src" "$mpath"
     done < <(jq -r '.volumeMounts[]? | [.name, .mountPath] | @tsv' <<<"$1")
   }
-  # The install-cni initContainer, as the kubelet would run it first (its command, its mounts;
-  # /host/opt/cni/bin needs a mount point: a tmpfs over /host).
-  local init made_host=0
-  [[ -e /host ]] || { mkdir /host; made_host=1; }
-  mount -t tmpfs -o size=1m weft-host /host
+  # The initContainers (install-cni), as the kubelet runs them first: their command with their
+  # mounts, chrooted into an overlay of the machine's root whose writable layer is a tmpfs, so
+  # mount points such as /host/opt/cni/bin exist only there.
+  local init root
   while read -r init; do
     [[ -n $init ]] || continue
-    (mount_volumes "$init"; mapfile -t argv < <(jq -r '(.command // []) + (.args // []) | .[]' <<<"$init"); "${argv[@]}") \
-      || die "initContainer $(jq -r .name <<<"$init") failed"
+    root=$(mktemp -d /tmp/weft-init.XXXXXX)
+    mount -t tmpfs -o size=4m weft-init "$root"
+    mkdir "$root/upper" "$root/work" "$root/merged"
+    mount -t overlay weft-init -o "lowerdir=/,upperdir=$root/upper,workdir=$root/work" "$root/merged"
+    for b in weft weft-cni; do : >"$root/merged/usr/local/bin/$b"; mount --bind "/usr/local/bin/$b" "$root/merged/usr/local/bin/$b"; done
+    mount_volumes "$init" "$root/merged"
+    mapfile -t argv < <(jq -r '(.command // []) + (.args // []) | .[]' <<<"$init")
+    chroot "$root/merged" "${argv[@]}" || die "initContainer $(jq -r .name <<<"$init") failed"
+    umount -R "$root"
+    rmdir "$root"
   done < <(jq -c '.initContainers[]?' <<<"$spec")
-  umount -R /host
-  ((made_host)) && rmdir /host 2>/dev/null || true
   mount_volumes "$c"
 
   # 4. In-cluster API access: the ServiceAccount's token, nothing else.

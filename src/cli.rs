@@ -609,3 +609,76 @@ pub fn cleanup(table: &str, state_dir: Option<&Path>) -> ExitCode {
         ExitCode::SUCCESS
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_netpol::compile::{MarkLayout, compile};
+    use weft_netpol::model::{
+        Cluster, Direction, Namespace, NamespaceScope, ObjectKey, Peer, Pod, PodSelection, Policy,
+        PolicyRule,
+    };
+    use weft_netpol::selector::LabelSelector;
+
+    #[test]
+    fn marks_decode_to_the_rule_comments_of_their_direction() {
+        let mut c = Cluster::default();
+        c.namespaces
+            .insert("app".into(), Namespace::new("app", BTreeMap::new()));
+        for (i, role) in ["a", "s"].into_iter().enumerate() {
+            let p = Pod {
+                key: ObjectKey::new("app", role),
+                uid: role.into(),
+                labels: [("role".to_string(), role.to_string())].into(),
+                ips: vec![format!("10.244.0.{}", i + 2).parse().unwrap()],
+                node: "n".into(),
+                ports: vec![],
+                host_network: false,
+                terminated: false,
+            };
+            c.pods.insert(p.key.clone(), p);
+        }
+        let peer = Peer::Pods(PodSelection {
+            namespaces: NamespaceScope::Own("app".into()),
+            pods: LabelSelector::from_labels([("role", "a")]),
+        });
+        let p = Policy {
+            key: ObjectKey::new("app", "p"),
+            uid: "p".into(),
+            subject: LabelSelector::from_labels([("role", "s")]),
+            ingress: Some(vec![PolicyRule {
+                peers: Some(vec![peer]),
+                ports: None,
+            }]),
+            egress: Some(vec![PolicyRule {
+                peers: None,
+                ports: None,
+            }]),
+            errors: vec![],
+        };
+        c.policies.insert(p.key.clone(), p);
+        let rs = compile(&c, "n", "weft");
+        let (fields, ids) = mark_table(&rs);
+        let l = MarkLayout::default();
+        assert_eq!(
+            fields,
+            vec![
+                (l.field(Direction::Ingress), "ingress"),
+                (l.field(Direction::Egress), "egress")
+            ]
+        );
+        // Every written (field, value) decodes to exactly its rule's comment.
+        assert_eq!(ids.len(), 2);
+        for ((field, value), comments) in &ids {
+            assert_eq!(comments.len(), 1, "{comments:?}");
+            let id = weft_netpol::ruleset::rule_id_from_comment(&comments[0]).unwrap();
+            assert_eq!(value >> field.trailing_zeros(), id);
+            let want = if *field == l.field(Direction::Ingress) {
+                "app/p ingress[0] from[0]"
+            } else {
+                "app/p egress[0]"
+            };
+            assert!(comments[0].starts_with(want), "{comments:?}");
+        }
+    }
+}

@@ -23,8 +23,15 @@ pub fn use_prefix(prefix: &'static str) {
     let _ = PREFIX.set(prefix);
 }
 
+/// The namespace name prefix: [`use_prefix`], else `$WEFT_NETNS_PREFIX` (e.g. to run the
+/// kernel benchmark under another prefix), else `weft-t`.
 fn prefix() -> &'static str {
-    PREFIX.get().copied().unwrap_or("weft-t")
+    PREFIX.get_or_init(|| match std::env::var("WEFT_NETNS_PREFIX") {
+        Ok(p) if !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
+            Box::leak(p.into_boxed_str())
+        }
+        _ => "weft-t",
+    })
 }
 
 /// Why kernel tests cannot run here, if they cannot.

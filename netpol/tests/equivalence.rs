@@ -12,10 +12,11 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use proptest::prelude::*;
+use weft_netpol::compile::MarkLayout;
 use weft_netpol::engine::Engine;
 use weft_netpol::eval::{self, Connection};
-use weft_netpol::model::{Cluster, Pod};
-use weft_netpol::ruleset::{Hook, Protocol};
+use weft_netpol::model::{Cluster, Direction, ObjectKey, Pod};
+use weft_netpol::ruleset::{Action, Hook, Protocol};
 use weft_netpol::sim::{CtInfo, Decision, Packet, simulate};
 use weft_netpol::synth::{self, GenParams, Rng};
 
@@ -53,6 +54,98 @@ fn simulated(
     engines: &BTreeMap<String, Engine>,
     conn: &Connection,
 ) -> (bool, String) {
+    let (allowed, log, marks) = simulated_with_marks(cluster, engines, conn);
+    match marks {
+        Ok(()) => (allowed, log),
+        Err(e) => (!allowed, format!("{log}\nWRONG CONNTRACK MARK: {e}")),
+    }
+}
+
+/// The conntrack mark an accepted first packet leaves must name, per direction this node
+/// enforces, a rule that admits the connection (id 0 when the pod is not isolated for it).
+fn check_marks(
+    cluster: &Cluster,
+    rs: &weft_netpol::Ruleset,
+    node: &str,
+    conn: &Connection,
+    mark: u32,
+) -> Result<(), String> {
+    let layout = MarkLayout::default();
+    for direction in Direction::ALL {
+        let subject = match direction {
+            Direction::Ingress => conn.dst,
+            Direction::Egress => conn.src,
+        };
+        let Some(pod) = member_pod(cluster, subject).filter(|p| p.node == node) else {
+            continue; // another node writes this field
+        };
+        let id = layout.id(mark, direction);
+        let isolated = !eval::isolating_policies(cluster, pod, direction)
+            .next()
+            .is_none();
+        if !isolated {
+            if id != 0 {
+                return Err(format!("{} not isolated but id {id}", direction.api_name()));
+            }
+            continue;
+        }
+        let want = layout.write(direction, id);
+        let comments: Vec<&str> = rs
+            .chains
+            .values()
+            .flat_map(|c| &c.rules)
+            .filter(|r| r.action == Action::MarkAccept(want))
+            .filter_map(|r| r.comment.as_deref())
+            .collect();
+        if id == 0 || comments.is_empty() {
+            return Err(format!(
+                "{} admitted but the mark {mark:#010x} names no rule",
+                direction.api_name()
+            ));
+        }
+        let admits = |comment: &str| -> bool {
+            if comment.contains("...") {
+                return true; // a cut name: cannot tell, accept
+            }
+            let mut words = comment.split_whitespace();
+            let (Some(key), Some(rule)) = (words.next(), words.next()) else {
+                return false;
+            };
+            let Some((ns, name)) = key.split_once('/') else {
+                return false;
+            };
+            let Some(index) = rule
+                .strip_prefix(direction.api_name())
+                .and_then(|r| r.strip_prefix('['))
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|r| r.parse::<usize>().ok())
+            else {
+                return false;
+            };
+            let Some(policy) = cluster.policies.get(&ObjectKey::new(ns, name)) else {
+                return false;
+            };
+            let Some(r) = policy.rules(direction).and_then(|rules| rules.get(index)) else {
+                return false;
+            };
+            eval::policy_selects(policy, pod)
+                && eval::rule_allows(cluster, policy, r, direction, conn)
+        };
+        if !comments.iter().any(|c| admits(c)) {
+            return Err(format!(
+                "{} id {id} names {comments:?}, none of which admits the connection",
+                direction.api_name()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn simulated_with_marks(
+    cluster: &Cluster,
+    engines: &BTreeMap<String, Engine>,
+    conn: &Connection,
+) -> (bool, String, Result<(), String>) {
     let src_pod = member_pod(cluster, conn.src);
     let dst_pod = member_pod(cluster, conn.dst);
     // (node, iif, oif) for each node the packet is forwarded by.
@@ -65,7 +158,7 @@ fn simulated(
         }
         (Some(a), None) => hops.push((a.node.clone(), veth(a), UPLINK.into())),
         (None, Some(b)) => hops.push((b.node.clone(), UPLINK.into(), veth(b))),
-        (None, None) => return (true, "not forwarded by any node".into()),
+        (None, None) => return (true, "not forwarded by any node".into(), Ok(())),
     }
     let mut log = String::new();
     for (node, iif, oif) in hops {
@@ -83,10 +176,13 @@ fn simulated(
         let trace = simulate(rs, Hook::Forward, &pkt, &routes);
         log.push_str(&format!("on {node}: {pkt}\n{}\n", trace.explain()));
         if trace.fault().is_some() || trace.verdict != Decision::Accept {
-            return (false, log);
+            return (false, log, Ok(()));
+        }
+        if let Err(e) = check_marks(cluster, rs, &node, conn, trace.ct_mark) {
+            return (true, log, Err(format!("on {node}: {e}")));
         }
     }
-    (true, log)
+    (true, log, Ok(()))
 }
 
 fn check_all(cluster: &Cluster, engines: &BTreeMap<String, Engine>) -> Result<usize, String> {

@@ -311,6 +311,11 @@ pub fn pinned_addresses(number: usize, k: usize) -> Option<PodAddresses> {
     })
 }
 
+/// The first plan index a runner fills an open address from, for every target alike (so the
+/// oracle's report names the same addresses as the cluster's): k = 1 (`.1`, `::1`) is the
+/// node's own address in weft (its tunnel address, first of the podCIDR), never a pod's.
+pub const FIRST_POD_K: usize = 2;
+
 /// Fills the addresses a pod spec leaves open with the first plan addresses (index `first_k`
 /// on) that no other pod uses; `None` when the plan is exhausted.
 pub fn fill_from_plan(

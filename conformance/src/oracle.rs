@@ -59,8 +59,9 @@ impl Oracle {
             ipv4: spec.ip,
             ipv6: spec.ipv6,
         };
-        let addresses = crate::case::fill_from_plan(number, requested, 1, &self.used)
-            .ok_or_else(|| DriverError::new(what(), "no free address in the plan"))?;
+        let addresses =
+            crate::case::fill_from_plan(number, requested, crate::case::FIRST_POD_K, &self.used)
+                .ok_or_else(|| DriverError::new(what(), "no free address in the plan"))?;
         let ips: Vec<IpAddr> = Family::ALL
             .iter()
             .filter_map(|f| addresses.get(*f))

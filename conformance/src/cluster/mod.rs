@@ -461,9 +461,9 @@ impl ClusterTarget {
             ipv4: spec.ip,
             ipv6: spec.ipv6,
         };
-        // From k = 2: k = 1 is the node's tunnel address.
-        let a = crate::case::fill_from_plan(number, requested, 2, &self.used)
-            .ok_or_else(|| DriverError::new(what(), "no free address in the plan"))?;
+        let a =
+            crate::case::fill_from_plan(number, requested, crate::case::FIRST_POD_K, &self.used)
+                .ok_or_else(|| DriverError::new(what(), "no free address in the plan"))?;
         for f in Family::ALL {
             if let Some(ip) = a.get(f)
                 && self.used.contains(&ip)

@@ -109,6 +109,28 @@ impl Shared {
     }
 }
 
+/// The deletions a fresh list implies: every key the store has that the list lacks.
+fn vanished<K: Ord + Clone, V>(
+    have: &BTreeMap<K, V>,
+    listed: impl Iterator<Item = K>,
+    gone: impl Fn(K) -> Change,
+) -> Vec<Change> {
+    let listed: BTreeSet<K> = listed.collect();
+    have.keys()
+        .filter(|k| !listed.contains(*k))
+        .cloned()
+        .map(gone)
+        .collect()
+}
+
+/// A policy's namespace/name (`None` for an object without both).
+fn policy_key(p: &k8s_openapi::api::networking::v1::NetworkPolicy) -> Option<ObjectKey> {
+    Some(ObjectKey::new(
+        p.metadata.namespace.as_deref()?,
+        p.metadata.name.as_deref()?,
+    ))
+}
+
 /// Whether two uids can be the same pod (an empty uid, from an old runtime, matches any).
 fn same_pod(a: &str, b: &str) -> bool {
     a.is_empty() || b.is_empty() || a == b
@@ -647,8 +669,7 @@ impl Controller {
                     }
                 }
                 Obj::Policy(p) => {
-                    if let (Some(ns), Some(name)) = (&p.metadata.namespace, &p.metadata.name) {
-                        let key = ObjectKey::new(ns, name);
+                    if let Some(key) = policy_key(&p) {
                         self.forget_errors(&key);
                         out.push(Change::DeletePolicy(key));
                     }
@@ -663,54 +684,30 @@ impl Controller {
                 // The new list is the truth: upsert all, delete what it lacks.
                 let current = self.current();
                 let deletes: Vec<Change> = match msg.kind {
-                    Kind::Pods => {
-                        let listed: BTreeSet<ObjectKey> = objs
-                            .iter()
-                            .filter_map(|o| match o {
-                                Obj::Pod(p) => Pod::from_api(p).map(|p| p.key),
-                                _ => None,
-                            })
-                            .collect();
-                        current
-                            .pods
-                            .keys()
-                            .filter(|k| !listed.contains(*k))
-                            .map(|k| Change::DeletePod(k.clone()))
-                            .collect()
-                    }
-                    Kind::Namespaces => {
-                        let listed: BTreeSet<String> = objs
-                            .iter()
-                            .filter_map(|o| match o {
-                                Obj::Namespace(n) => n.metadata.name.clone(),
-                                _ => None,
-                            })
-                            .collect();
-                        current
-                            .namespaces
-                            .keys()
-                            .filter(|k| !listed.contains(*k))
-                            .map(|k| Change::DeleteNamespace(k.clone()))
-                            .collect()
-                    }
-                    Kind::Policies => {
-                        let listed: BTreeSet<ObjectKey> = objs
-                            .iter()
-                            .filter_map(|o| match o {
-                                Obj::Policy(p) => Some(ObjectKey::new(
-                                    p.metadata.namespace.as_deref()?,
-                                    p.metadata.name.as_deref()?,
-                                )),
-                                _ => None,
-                            })
-                            .collect();
-                        current
-                            .policies
-                            .keys()
-                            .filter(|k| !listed.contains(*k))
-                            .map(|k| Change::DeletePolicy(k.clone()))
-                            .collect()
-                    }
+                    Kind::Pods => vanished(
+                        &current.pods,
+                        objs.iter().filter_map(|o| match o {
+                            Obj::Pod(p) => Pod::from_api(p).map(|p| p.key),
+                            _ => None,
+                        }),
+                        Change::DeletePod,
+                    ),
+                    Kind::Namespaces => vanished(
+                        &current.namespaces,
+                        objs.iter().filter_map(|o| match o {
+                            Obj::Namespace(n) => n.metadata.name.clone(),
+                            _ => None,
+                        }),
+                        Change::DeleteNamespace,
+                    ),
+                    Kind::Policies => vanished(
+                        &current.policies,
+                        objs.iter().filter_map(|o| match o {
+                            Obj::Policy(p) => policy_key(p),
+                            _ => None,
+                        }),
+                        Change::DeletePolicy,
+                    ),
                     Kind::Nodes => {
                         self.nodes.clear();
                         Vec::new()

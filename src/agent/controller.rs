@@ -301,11 +301,11 @@ impl Controller {
         }
         self.last_drift_check = Instant::now();
         if !suspect {
-            if let Ok(Some(generation)) = self.backend.generation() {
-                if watch.unchanged_by_others(generation) {
-                    watch.checks_skipped.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
+            if let Ok(Some(generation)) = self.backend.generation()
+                && watch.unchanged_by_others(generation)
+            {
+                watch.checks_skipped.fetch_add(1, Ordering::Relaxed);
+                return;
             }
             watch.take_suspect();
         }

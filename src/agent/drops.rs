@@ -102,7 +102,7 @@ pub fn spawn(group: u16, path: PathBuf) -> std::io::Result<()> {
             };
             let mut ring: VecDeque<DropRecord> = VecDeque::with_capacity(RING);
             let mut dirty = true;
-            let mut written = Instant::now() - Duration::from_secs(2);
+            let mut written: Option<Instant> = None;
             loop {
                 match nflog.next(Duration::from_millis(500)) {
                     Ok(batch) => {
@@ -127,7 +127,7 @@ pub fn spawn(group: u16, path: PathBuf) -> std::io::Result<()> {
                         std::thread::sleep(Duration::from_secs(1));
                     }
                 }
-                if dirty && written.elapsed() >= Duration::from_secs(1) {
+                if dirty && written.is_none_or(|w| w.elapsed() >= Duration::from_secs(1)) {
                     file.recent = ring.iter().cloned().collect();
                     match write_atomically(&path, &file) {
                         Ok(()) => dirty = false,
@@ -135,7 +135,7 @@ pub fn spawn(group: u16, path: PathBuf) -> std::io::Result<()> {
                             warn!(error = %e, file = %path.display(), "drop log: cannot write")
                         }
                     }
-                    written = Instant::now();
+                    written = Some(Instant::now());
                 }
             }
         })?;

@@ -20,7 +20,9 @@
 #
 # Env: WEFT_LAB_DIR (default /tmp/weft-lab), CARGO_TARGET_DIR (where weft is built),
 #      WEFT_LAB_DEMO=0 (up without the demo: an empty cluster, e.g. for conformance/lab/bench.sh),
-#      WEFT_AGENT_ARGS (extra `weft agent` flags for every node),
+#      WEFT_AGENT_ARGS (extra `weft agent` flags for every node; a flag the manifest sets is
+#      overridden), WEFT_LAB_API (HOST:PORT the agents use as KUBERNETES_SERVICE_HOST/PORT,
+#      default the apiserver's 198.18.0.1:6443; e.g. a fault-injecting proxy),
 #      WEFT_LAB_PREFIX (namespace prefix, default weft-lab: set it to run two labs at once),
 #      WEFT_LAB_PROFILE=release (build and run optimised binaries; default debug).
 set -Eeuo pipefail
@@ -102,7 +104,7 @@ EOF
     mkdir -p "$DIR/run/node$i"
     # shellcheck disable=SC2086 # WEFT_AGENT_ARGS is a list of flags
     start_agent "$i" env WEFT_IMAGE_BIN="$TARGET/$PROFILE" bash "$HERE/manifest-agent.sh" run \
-      "$DIR" "$n" "$DIR/run/node$i" 198.18.0.1:6443 ${WEFT_AGENT_ARGS:-}
+      "$DIR" "$n" "$DIR/run/node$i" "${WEFT_LAB_API:-198.18.0.1:6443}" ${WEFT_AGENT_ARGS:-}
     start_bg "kube-proxy-node$i" "$ns" "$bin/kube-proxy" \
       --kubeconfig "$DIR/cluster/kubeconfig/kube-proxy.kubeconfig" \
       --proxy-mode nftables --hostname-override "$n" \

@@ -17,6 +17,14 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// `println!` that gives up quietly when stdout is closed (`weft flows | head`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// One GET over the agent's socket: (status, body).
 pub fn get(socket: &Path, path: &str) -> Result<(u16, String), String> {
     let mut s = UnixStream::connect(socket).map_err(|e| {
@@ -263,6 +271,20 @@ fn mark_table(rs: &weft_netpol::Ruleset) -> MarkTable {
             }
         }
     }
+    // A table may write only one direction's field (e.g. egress isolation without rules):
+    // the layout puts egress right above ingress, with fields of the same width.
+    if fields.len() == 1 {
+        let (f, d) = fields[0];
+        let bits = f.count_ones();
+        let other = if d == "ingress" {
+            (f.checked_shl(bits).unwrap_or(0), "egress")
+        } else {
+            (f >> bits, "ingress")
+        };
+        if other.0 != 0 {
+            fields.push(other);
+        }
+    }
     fields.sort_by_key(|(_, d)| *d != "ingress");
     (fields, ids)
 }
@@ -337,18 +359,18 @@ pub fn flows(table: &str, json: bool, all: bool) -> ExitCode {
         }));
     }
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({ "marks": !fields.is_empty(), "flows": out })
         );
         return ExitCode::SUCCESS;
     }
     if fields.is_empty() {
-        println!(
+        outln!(
             "note: this table writes no conntrack marks (agent flag --ct-mark-bits 0): flows are listed without their rules"
         );
     }
-    println!(
+    outln!(
         "{} flow(s){}; a rule id 0 (-) means no rule of this node admitted that direction: not isolated, judged by the other end's node, or the pod's own node",
         out.len(),
         if all { "" } else { " of local pods" }
@@ -362,7 +384,7 @@ pub fn flows(table: &str, json: bool, all: bool) -> ExitCode {
             (serde_json::Value::String(d), None) => format!(" (to {d})"),
             _ => String::new(),
         };
-        println!(
+        outln!(
             "{:<6} {:<12} {}{nat}",
             proto_name(e.orig.proto),
             e.tcp_state_name().unwrap_or("-"),
@@ -385,7 +407,7 @@ pub fn flows(table: &str, json: bool, all: bool) -> ExitCode {
                     }
                 }
             };
-            println!("         {direction:<8} {line}");
+            outln!("         {direction:<8} {line}");
         }
     }
     ExitCode::SUCCESS
@@ -460,7 +482,7 @@ pub fn drops(socket: &Path, table: &str, json: bool) -> ExitCode {
                 })
             })
             .collect();
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "drop_log": log.as_ref().map(|l| serde_json::json!({
@@ -474,12 +496,12 @@ pub fn drops(socket: &Path, table: &str, json: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     match &log {
-        None => println!(
+        None => outln!(
             "no drop log at {} (start the agent with --log-drops to record denied connections)",
             path.display()
         ),
         Some(l) => {
-            println!(
+            outln!(
                 "denied new connections: {} since the agent started (nflog group {}, rate-limited), the last {}:",
                 l.total,
                 l.group,
@@ -491,7 +513,7 @@ pub fn drops(socket: &Path, table: &str, json: bool) -> ExitCode {
                     Some(p) => format!("{a}:{p}"),
                     None => a.to_string(),
                 };
-                println!(
+                outln!(
                     "  {:>7.1}s ago  {:<5} {} -> {}  {}",
                     now_ms.saturating_sub(r.at_ms) as f64 / 1000.0,
                     proto_name(r.proto),
@@ -502,9 +524,9 @@ pub fn drops(socket: &Path, table: &str, json: bool) -> ExitCode {
             }
         }
     }
-    println!("drops per group chain (packets, bytes):");
+    outln!("drops per group chain (packets, bytes):");
     for c in &drop_counters {
-        println!(
+        outln!(
             "  {:>10} {:>12}  {}  [{}]",
             c.packets,
             c.bytes,
@@ -512,18 +534,18 @@ pub fn drops(socket: &Path, table: &str, json: bool) -> ExitCode {
             c.chain
         );
     }
-    println!("accepts per policy rule (packets, bytes):");
+    outln!("accepts per policy rule (packets, bytes):");
     for c in &accept_counters {
-        println!(
+        outln!(
             "  {:>10} {:>12}  {}",
             c.packets,
             c.bytes,
             c.comment.as_deref().unwrap_or(&c.chain)
         );
     }
-    println!("base chains (packets, bytes):");
+    outln!("base chains (packets, bytes):");
     for c in &base_counters {
-        println!(
+        outln!(
             "  {:>10} {:>12}  {}: {}",
             c.packets,
             c.bytes,
@@ -680,5 +702,9 @@ mod tests {
             };
             assert!(comments[0].starts_with(want), "{comments:?}");
         }
+        // A table that writes only the ingress field still shows the egress one.
+        let mut only_in = rs.clone();
+        only_in.chains.retain(|name, _| !name.ends_with("-eg"));
+        assert_eq!(mark_table(&only_in).0, fields);
     }
 }

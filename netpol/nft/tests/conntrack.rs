@@ -164,7 +164,12 @@ fn echo_server(ns: &Netns, stop: Arc<AtomicBool>) {
 
 /// A TCP connection from pod `from` to S, opened inside the pod's namespace.
 fn connect(lab: &Lab, from: usize, timeout: Duration) -> io::Result<TcpStream> {
-    let dst = SocketAddr::new(lab.pods[S].ip(false), PORT);
+    connect_family(lab, from, false, timeout)
+}
+
+/// [`connect`] over IPv4 or IPv6.
+fn connect_family(lab: &Lab, from: usize, v6: bool, timeout: Duration) -> io::Result<TcpStream> {
+    let dst = SocketAddr::new(lab.pods[S].ip(v6), PORT);
     lab::spawn_in(&lab.pods[from].ns, move || {
         TcpStream::connect_timeout(&dst, timeout)
     })
@@ -298,6 +303,8 @@ fn marks_name_the_admitting_rule_default_mode_keeps_flows_strict_mode_cuts_them(
         }
     };
     let mut conn_b_old = connect(&lab, B, Duration::from_secs(2)).expect("B reaches S");
+    let mut conn_a6 = connect_family(&lab, A, true, Duration::from_secs(2)).expect("A over IPv6");
+    assert!(echoes(&mut conn_a6, "a6-1"));
     assert!(echoes(&mut conn_a, "a1"));
     assert!(echoes(&mut conn_b_old, "b1"));
     let layout = MarkLayout::default();
@@ -317,6 +324,7 @@ fn marks_name_the_admitting_rule_default_mode_keeps_flows_strict_mode_cuts_them(
         "default mode: an established flow survives a tightening"
     );
     assert!(echoes(&mut conn_b_old, "b2"));
+    assert!(echoes(&mut conn_a6, "a6-2"), "the same over IPv6");
     let refused = connect(&lab, A, Duration::from_millis(300));
     assert!(refused.is_err(), "a new A->S connection must be refused");
 
@@ -380,16 +388,22 @@ fn marks_name_the_admitting_rule_default_mode_keeps_flows_strict_mode_cuts_them(
 
     // Strict mode: one purge pass deletes exactly what the policy no longer admits.
     let a_tuple = entry_of(&lab, &conn_a).orig;
+    let a6_tuple = entry_of(&lab, &conn_a6).orig;
     let node_addrs: Vec<IpAddr> = vec!["10.244.0.1".parse().unwrap(), "fe80::1".parse().unwrap()];
     let judge = strict_judge(model.clone(), node_addrs);
     let report = in_node(&lab, move |ct| conntrack::purge(ct, judge).expect("purge"));
     println!("strict pass: {report:?}");
-    assert_eq!(report.deleted, vec![a_tuple], "only A->S is deleted");
-    assert!(report.judged >= 3);
+    let mut deleted = report.deleted.clone();
+    deleted.sort();
+    let mut want = vec![a_tuple, a6_tuple];
+    want.sort();
+    assert_eq!(deleted, want, "only A->S (IPv4 and IPv6) is deleted");
+    assert!(report.judged >= 4);
     assert!(
         !echoes(&mut conn_a, "a3"),
         "strict mode: the flow the policy no longer admits is cut"
     );
+    assert!(!echoes(&mut conn_a6, "a6-3"), "and its IPv6 twin");
     assert!(echoes(&mut conn_b_old, "b4"), "an admitted flow survives");
     assert!(echoes(&mut conn_b_new, "b5"), "an admitted flow survives");
     // The cut flow's packets are new again, judged and dropped: no established entry for it.

@@ -467,14 +467,16 @@ fn denied_new_connections_reach_the_nflog_group_at_the_configured_rate() {
     });
     rx.recv_timeout(Duration::from_secs(5))
         .expect("nflog bound");
-    // Let B's admitted connection through (not logged), then 40 denied attempts from A in
-    // well under a second (each a fresh source port: a new connection).
+    // Let B's admitted connection through (not logged), then 3 denied attempts from A over
+    // IPv6 and 40 over IPv4, in well under a second (each a fresh source port: a new
+    // connection).
     let mut b = connect(&lab, B, Duration::from_secs(2)).expect("B admitted");
     assert!(echoes(&mut b, "b"));
     let started = Instant::now();
-    let attempts = 40;
-    for _ in 0..attempts {
-        assert!(connect(&lab, A, Duration::from_millis(10)).is_err());
+    let attempts = 43;
+    for i in 0..attempts {
+        let v6 = i < 3;
+        assert!(connect_family(&lab, A, v6, Duration::from_millis(10)).is_err());
     }
     let elapsed = started.elapsed();
     std::thread::sleep(Duration::from_millis(300));
@@ -484,13 +486,19 @@ fn denied_new_connections_reach_the_nflog_group_at_the_configured_rate() {
         "{} of {attempts} denied SYNs logged in {elapsed:?}",
         logged.len()
     );
-    let a_ip = lab.pods[A].ip(false);
     assert!(!logged.is_empty(), "denied connections are logged");
     for l in &logged {
+        let v6 = l.src.is_ipv6();
         assert_eq!(l.prefix, format!("weft-drop {group_chain} "));
-        assert_eq!((l.src, l.dst), (a_ip, lab.pods[S].ip(false)), "{l:?}");
+        assert_eq!(
+            (l.src, l.dst),
+            (lab.pods[A].ip(v6), lab.pods[S].ip(v6)),
+            "{l:?}"
+        );
         assert_eq!((l.proto, l.dport), (6, Some(PORT)));
     }
+    // The first attempts fit in the burst: the IPv6 ones are there.
+    assert!(logged.iter().any(|l| l.src.is_ipv6()), "{logged:?}");
     // Rate-limited: the burst plus the rate over the time the attempts took (+1 for rounding).
     let ceiling = LOG_BURST as f64 + LOG_RATE as f64 * (elapsed.as_secs_f64() + 0.3) + 1.0;
     assert!(

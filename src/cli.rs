@@ -557,31 +557,23 @@ pub fn drops(socket: &Path, table: &str, json: bool) -> ExitCode {
 }
 
 /// `weft cleanup`: uninstall from this node: weft's tables, the tunnel, pod links, state.
-pub fn cleanup(table: &str, state_dir: Option<&Path>) -> ExitCode {
-    let mut failed = false;
+pub fn cleanup(table: &str, state_dir: Option<&Path>, json: bool) -> ExitCode {
+    let mut done: Vec<String> = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
     match weft_nft::thread::NftThread::spawn() {
         Ok(nft) => {
             for t in [table, "weft-nat"] {
                 match nft.dump(t) {
                     Ok(Some(_)) => match nft.apply(t, vec![weft_netpol::diff::Op::DeleteTable]) {
-                        Ok(_) => println!("deleted table inet {t}"),
-                        Err(e) => {
-                            eprintln!("weft cleanup: deleting table inet {t}: {e}");
-                            failed = true;
-                        }
+                        Ok(_) => done.push(format!("deleted table inet {t}")),
+                        Err(e) => errors.push(format!("deleting table inet {t}: {e}")),
                     },
-                    Ok(None) => println!("no table inet {t}"),
-                    Err(e) => {
-                        eprintln!("weft cleanup: reading table inet {t}: {e}");
-                        failed = true;
-                    }
+                    Ok(None) => done.push(format!("no table inet {t}")),
+                    Err(e) => errors.push(format!("reading table inet {t}: {e}")),
                 }
             }
         }
-        Err(e) => {
-            eprintln!("weft cleanup: netlink: {e}");
-            failed = true;
-        }
+        Err(e) => errors.push(format!("netlink: {e}")),
     }
     let links = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -608,27 +600,34 @@ pub fn cleanup(table: &str, state_dir: Option<&Path>) -> ExitCode {
             })
         });
     match links {
-        Ok(removed) if removed.is_empty() => println!("no weft links"),
-        Ok(removed) => println!("deleted links: {}", removed.join(" ")),
-        Err(e) => {
-            eprintln!("weft cleanup: links: {e}");
-            failed = true;
-        }
+        Ok(removed) if removed.is_empty() => done.push("no weft links".into()),
+        Ok(removed) => done.push(format!("deleted links: {}", removed.join(" "))),
+        Err(e) => errors.push(format!("links: {e}")),
     }
     if let Some(dir) = state_dir {
         match std::fs::remove_dir_all(dir) {
-            Ok(()) => println!("deleted {}", dir.display()),
+            Ok(()) => done.push(format!("deleted {}", dir.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                eprintln!("weft cleanup: {}: {e}", dir.display());
-                failed = true;
-            }
+            Err(e) => errors.push(format!("{}: {e}", dir.display())),
         }
     }
-    if failed {
-        ExitCode::from(2)
+    if json {
+        outln!(
+            "{}",
+            serde_json::json!({ "done": done, "errors": errors, "ok": errors.is_empty() })
+        );
     } else {
+        for line in &done {
+            outln!("{line}");
+        }
+        for e in &errors {
+            eprintln!("weft cleanup: {e}");
+        }
+    }
+    if errors.is_empty() {
         ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
     }
 }
 

@@ -104,6 +104,9 @@ enum Command {
         /// Also delete this state directory (IPAM allocations).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// NetworkPolicy case files (conformance/CASES.md format).
     Conformance {
@@ -200,6 +203,10 @@ struct AgentArgs {
     /// Kubernetes Secret; every node the same). Empty: off.
     #[arg(long, env = "WEFT_MESH_SECRET_FILE")]
     mesh_secret_file: Option<PathBuf>,
+    /// The cluster secret itself, from the environment only (the DaemonSet sets it from the
+    /// Secret `weft-mesh`); `--mesh-secret-file` wins when both are given. Empty: off.
+    #[arg(skip = std::env::var("WEFT_MESH_SECRET").ok().filter(|s| !s.is_empty()))]
+    mesh_secret: Option<String>,
     /// TCP port of the mesh's control connections (the same on every node).
     #[arg(long, env = "WEFT_MESH_PORT", default_value_t = agent::mesh::DEFAULT_PORT)]
     mesh_port: u16,
@@ -257,7 +264,11 @@ fn main() -> ExitCode {
             socket,
             json,
         }) => cli::audit(&socket, repair, json),
-        Some(Command::Cleanup { table, state_dir }) => cli::cleanup(&table, state_dir.as_deref()),
+        Some(Command::Cleanup {
+            table,
+            state_dir,
+            json,
+        }) => cli::cleanup(&table, state_dir.as_deref(), json),
         Some(Command::Conformance {
             command:
                 ConformanceCommand::Run {
@@ -377,10 +388,18 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             }
         }
     };
-    let mesh = match args.mesh_secret_file.filter(|p| !p.as_os_str().is_empty()) {
-        Some(secret_file) => Some(agent::mesh::MeshConfig {
+    let secret = match (
+        args.mesh_secret_file.filter(|p| !p.as_os_str().is_empty()),
+        args.mesh_secret,
+    ) {
+        (Some(file), _) => Some(agent::mesh::MeshSecret::File(file)),
+        (None, Some(value)) => Some(agent::mesh::MeshSecret::Value(value)),
+        (None, None) => None,
+    };
+    let mesh = match secret {
+        Some(secret) => Some(agent::mesh::MeshConfig {
             node: args.node.clone(),
-            secret_file,
+            secret,
             port: args.mesh_port,
             listen_ip: args.underlay_ip,
             state_dir: args.state_dir.clone(),
@@ -393,7 +412,9 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             },
         }),
         None if args.encryption == "on" => {
-            eprintln!("weft agent: --encryption on needs the mesh: give --mesh-secret-file");
+            eprintln!(
+                "weft agent: --encryption on needs the mesh: give --mesh-secret-file (or WEFT_MESH_SECRET)"
+            );
             return ExitCode::from(2);
         }
         None => None,

@@ -194,6 +194,89 @@ mod tests {
     }
 
     #[test]
+    fn strict_mode_judges_only_pod_flows_of_port_protocols() {
+        use std::collections::BTreeMap;
+        use weft_netpol::model::{Namespace, ObjectKey, Pod, Policy, PolicyRule};
+        use weft_netpol::selector::LabelSelector;
+        use weft_nft::conntrack::Tuple;
+        let mut c = Cluster::default();
+        c.namespaces
+            .insert("app".into(), Namespace::new("app", BTreeMap::new()));
+        for (name, ip, node) in [("a", "10.244.0.2", "n1"), ("s", "10.244.0.3", "n1")] {
+            let p = Pod {
+                key: ObjectKey::new("app", name),
+                uid: name.into(),
+                labels: [("role".to_string(), name.to_string())].into(),
+                ips: vec![ip.parse().unwrap()],
+                node: node.into(),
+                ports: vec![],
+                host_network: false,
+                terminated: false,
+            };
+            c.pods.insert(p.key.clone(), p);
+        }
+        // s isolated for ingress, nothing allowed.
+        let deny = Policy {
+            key: ObjectKey::new("app", "deny"),
+            uid: "d".into(),
+            subject: LabelSelector::from_labels([("role", "s")]),
+            ingress: Some(Vec::<PolicyRule>::new()),
+            egress: None,
+            errors: vec![],
+        };
+        c.policies.insert(deny.key.clone(), deny);
+        let entry = |src: &str, dst: &str, proto: u8, dport: Option<u16>| {
+            let (src, dst) = (src.parse().unwrap(), dst.parse().unwrap());
+            let orig = Tuple {
+                src,
+                dst,
+                proto,
+                sport: dport.map(|_| 40000),
+                dport,
+            };
+            Entry {
+                orig,
+                reply: Tuple {
+                    src: dst,
+                    dst: src,
+                    proto,
+                    sport: dport,
+                    dport: orig.sport,
+                },
+                mark: 0,
+                id: 1,
+                zone: 0,
+                status: 0,
+                timeout: None,
+                tcp_state: None,
+            }
+        };
+        let own: BTreeSet<IpAddr> = ["10.244.0.1".parse().unwrap()].into();
+        let a_to_s = entry("10.244.0.2", "10.244.0.3", 6, Some(80));
+        let s_to_a = entry("10.244.0.3", "10.244.0.2", 17, Some(53));
+        let node_to_s = entry("10.244.0.1", "10.244.0.3", 6, Some(80));
+        let icmp = entry("10.244.0.2", "10.244.0.3", 1, None);
+        assert_eq!(
+            judge(&c, "n1", &own, &a_to_s),
+            Some(false),
+            "tightened: cut"
+        );
+        assert_eq!(
+            judge(&c, "n1", &own, &s_to_a),
+            Some(true),
+            "a is not isolated"
+        );
+        assert_eq!(
+            judge(&c, "n1", &own, &node_to_s),
+            None,
+            "kubelet probes stay"
+        );
+        assert_eq!(judge(&c, "n1", &own, &icmp), None, "no ports: not judged");
+        // Another node does not enforce s's ingress.
+        assert_eq!(judge(&c, "n2", &own, &a_to_s), Some(true));
+    }
+
+    #[test]
     fn the_node_has_a_loopback_address() {
         let own = node_addresses();
         assert!(own.contains(&"127.0.0.1".parse().unwrap()), "{own:?}");

@@ -507,3 +507,67 @@ fn denied_new_connections_reach_the_nflog_group_at_the_configured_rate() {
         logged.len()
     );
 }
+
+/// The cost of one strict-mode pass (dump, judge every entry, delete what is no longer
+/// admitted) over many entries: 20,000 UDP flows from A to S, judged once with nothing to cut
+/// (the baseline: dump and judge only) and once after S is isolated (every flow deleted).
+/// Prints the figures (BENCHMARKS.md); asserts only what the pass did, not how fast.
+/// Run: `cargo test --release -p weft-nft --test conntrack -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: prints figures"]
+fn strict_pass_cost_over_many_entries() {
+    need_root!();
+    common::use_prefix("weft-ct");
+    compile::configure(observability()).ok();
+    const FLOWS: usize = 20_000;
+    let lab = Lab::new(&[41, 42, 43]);
+    let mut model = cluster(&lab);
+    let engine = Engine::from_cluster(model.clone(), NODE, TABLE_NAME);
+    let nft = NftThread::spawn_in_netns(lab.node.path()).expect("backend");
+    nft.sync(engine.desired().clone()).expect("sync");
+    lab::sysctl(&lab.node, &["net.netfilter.nf_conntrack_max=262144"]);
+    let dst = SocketAddr::new(lab.pods[S].ip(false), 5353);
+    let src_ip = lab.pods[A].ip(false);
+    let sent = lab::spawn_in(&lab.pods[A].ns, move || {
+        let started = Instant::now();
+        for i in 0..FLOWS {
+            // A distinct source port per flow (ephemeral ports would be reused).
+            let port = 20_000 + i as u16;
+            let s = std::net::UdpSocket::bind(SocketAddr::new(src_ip, port)).expect("bind");
+            s.send_to(format!("{i}").as_bytes(), dst).expect("send");
+        }
+        started.elapsed()
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let node_addrs: Vec<IpAddr> = vec!["10.244.0.1".parse().unwrap(), "fe80::1".parse().unwrap()];
+    let pass = |model: Cluster| {
+        let judge = strict_judge(model, node_addrs.clone());
+        in_node(&lab, move |ct| {
+            let t = Instant::now();
+            let n = ct.dump().expect("dump").len();
+            let dump = t.elapsed();
+            let t = Instant::now();
+            let report = conntrack::purge(ct, judge).expect("purge");
+            (n, dump, t.elapsed(), report)
+        })
+    };
+    let (n0, dump0, keep_all, r0) = pass(model.clone());
+    model.policies.insert(only_b().key, only_b());
+    let (n1, dump1, cut_all, r1) = pass(model);
+    let udp = |r: &conntrack::Purge| r.deleted.iter().filter(|t| t.proto == 17).count();
+    println!("{FLOWS} UDP flows sent in {sent:?}; conntrack entries on the node: {n0}");
+    println!(
+        "nothing to cut: dump {dump0:?}, pass (dump + judge {} entries) {keep_all:?}",
+        r0.judged
+    );
+    println!(
+        "S isolated: dump {dump1:?} ({n1} entries), pass {cut_all:?}: {} deleted ({:.1} µs per deleted entry)",
+        r1.deleted.len(),
+        cut_all.as_secs_f64() * 1e6 / r1.deleted.len().max(1) as f64
+    );
+    assert!(n0 >= FLOWS, "{n0} entries");
+    assert!(r0.deleted.is_empty());
+    assert_eq!(udp(&r1), FLOWS);
+}

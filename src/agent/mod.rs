@@ -165,8 +165,10 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         controller
     };
     if cfg.flows.log_drops && !cfg.dry_run {
-        drops::spawn(cfg.flows.log_drops_group, drops::file_for(&cfg.socket))
-            .context("starting the drop log listener")?;
+        // Observability only: enforcement goes on without it.
+        if let Err(e) = drops::spawn(cfg.flows.log_drops_group, drops::file_for(&cfg.socket)) {
+            warn!(error = %e, group = cfg.flows.log_drops_group, "drop log: not listening (denied connections are still counted; is another process bound to this nflog group? pick another with --log-drops-group)");
+        }
     }
     *shared.queries.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
     let gate = Arc::new(dataplane::AgentGate::new(shared.clone(), tx.clone()));

@@ -314,6 +314,29 @@ pub fn flows(table: &str, json: bool, all: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let (fields, shown, out) = flow_rows(&rs, &entries, all);
+    if json {
+        outln!(
+            "{}",
+            serde_json::json!({ "marks": !fields.is_empty(), "flows": out })
+        );
+        return ExitCode::SUCCESS;
+    }
+    print_flows(&fields, &shown, &out, all);
+    ExitCode::SUCCESS
+}
+
+/// The flows to show (local pods' unless `all`), each as JSON with, per direction, the rule
+/// that admitted it or why none did; also the mark fields and the entries shown.
+fn flow_rows<'a>(
+    rs: &weft_netpol::Ruleset,
+    entries: &'a [weft_nft::conntrack::Entry],
+    all: bool,
+) -> (
+    Vec<(u32, &'static str)>,
+    Vec<&'a weft_nft::conntrack::Entry>,
+    Vec<serde_json::Value>,
+) {
     let local: BTreeSet<IpAddr> = weft_netpol::ruleset::Family::ALL
         .into_iter()
         .filter_map(|f| rs.sets.get(&weft_netpol::compile::names::pods_local(f)))
@@ -324,18 +347,43 @@ pub fn flows(table: &str, json: bool, all: bool) -> ExitCode {
             _ => None,
         })
         .collect();
-    let (fields, ids) = mark_table(&rs);
+    let (fields, ids) = mark_table(rs);
+    // Isolated local pods: the keys of the dispatch maps, per direction.
+    let isolated = |direction: &str, ip: IpAddr| -> bool {
+        use weft_netpol::model::Direction;
+        let d = if direction == "ingress" {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
+        let f = weft_netpol::model::family_of(ip);
+        let key = weft_netpol::ruleset::Key::point(vec![weft_netpol::compile::addr_value(ip)]);
+        rs.sets
+            .get(&weft_netpol::compile::dispatch_map(d, f))
+            .is_some_and(|m| m.elements.contains_key(&key))
+    };
     let mut out = Vec::new();
-    for e in &entries {
+    let mut shown = Vec::new();
+    for e in entries {
         let (src, dst, _, _) = e.judged();
         if !all && !local.contains(&src) && !local.contains(&dst) {
             continue;
         }
+        shown.push(e);
         let mut admitted = serde_json::Map::new();
         for (field, direction) in &fields {
             let value = e.mark & field;
+            // Whose direction this is: the destination's ingress, the source's egress.
+            let subject = if *direction == "ingress" { dst } else { src };
             let v = if value == 0 {
-                serde_json::Value::Null
+                let why = if !local.contains(&subject) {
+                    "not a pod of this node: its own node judges it"
+                } else if isolated(direction, subject) {
+                    "admitted before the pod was isolated; kept since (default mode; --strict-conntrack cuts what the policies no longer admit)"
+                } else {
+                    "not isolated"
+                };
+                serde_json::json!({ "id": 0, "rules": [], "why": why })
             } else {
                 serde_json::json!({
                     "id": value >> field.trailing_zeros(),
@@ -358,27 +406,26 @@ pub fn flows(table: &str, json: bool, all: bool) -> ExitCode {
             "admitted_by": admitted,
         }));
     }
-    if json {
-        outln!(
-            "{}",
-            serde_json::json!({ "marks": !fields.is_empty(), "flows": out })
-        );
-        return ExitCode::SUCCESS;
-    }
+    (fields, shown, out)
+}
+
+fn print_flows(
+    fields: &[(u32, &'static str)],
+    shown: &[&weft_nft::conntrack::Entry],
+    out: &[serde_json::Value],
+    all: bool,
+) {
     if fields.is_empty() {
         outln!(
             "note: this table writes no conntrack marks (agent flag --ct-mark-bits 0): flows are listed without their rules"
         );
     }
     outln!(
-        "{} flow(s){}; a rule id 0 (-) means no rule of this node admitted that direction: not isolated, judged by the other end's node, or the pod's own node",
+        "{} flow(s){}; per direction, the rule of this node that admitted it (- when none did, and why)",
         out.len(),
         if all { "" } else { " of local pods" }
     );
-    for (f, e) in out.iter().zip(entries.iter().filter(|e| {
-        let (src, dst, _, _) = e.judged();
-        all || local.contains(&src) || local.contains(&dst)
-    })) {
+    for (f, e) in out.iter().zip(shown) {
         let nat = match (&f["translated_dst"], e.reply.sport) {
             (serde_json::Value::String(d), Some(p)) => format!(" (to {d}:{p})"),
             (serde_json::Value::String(d), None) => format!(" (to {d})"),
@@ -390,10 +437,11 @@ pub fn flows(table: &str, json: bool, all: bool) -> ExitCode {
             e.tcp_state_name().unwrap_or("-"),
             e.orig
         );
-        for (_, direction) in &fields {
-            let line = match &f["admitted_by"][*direction] {
-                serde_json::Value::Null => "-".to_string(),
-                v => {
+        for (_, direction) in fields {
+            let v = &f["admitted_by"][*direction];
+            let line = match v["why"].as_str() {
+                Some(why) => format!("- ({why})"),
+                None => {
                     let rules: Vec<String> = v["rules"]
                         .as_array()
                         .into_iter()
@@ -410,7 +458,6 @@ pub fn flows(table: &str, json: bool, all: bool) -> ExitCode {
             outln!("         {direction:<8} {line}");
         }
     }
-    ExitCode::SUCCESS
 }
 
 /// `weft status --drops [--json]`: the drop log's recent entries and the per-rule counters,
@@ -641,8 +688,9 @@ mod tests {
     };
     use weft_netpol::selector::LabelSelector;
 
-    #[test]
-    fn marks_decode_to_the_rule_comments_of_their_direction() {
+    /// app/a (10.244.0.2) and app/s (10.244.0.3) on node `n`; `app/p` admits a to s and lets
+    /// s send anywhere.
+    fn two_pods() -> Cluster {
         let mut c = Cluster::default();
         c.namespaces
             .insert("app".into(), Namespace::new("app", BTreeMap::new()));
@@ -678,7 +726,12 @@ mod tests {
             errors: vec![],
         };
         c.policies.insert(p.key.clone(), p);
-        let rs = compile(&c, "n", "weft");
+        c
+    }
+
+    #[test]
+    fn marks_decode_to_the_rule_comments_of_their_direction() {
+        let rs = compile(&two_pods(), "n", "weft");
         let (fields, ids) = mark_table(&rs);
         let l = MarkLayout::default();
         assert_eq!(
@@ -705,5 +758,63 @@ mod tests {
         let mut only_in = rs.clone();
         only_in.chains.retain(|name, _| !name.ends_with("-eg"));
         assert_eq!(mark_table(&only_in).0, fields);
+    }
+
+    #[test]
+    fn flows_name_the_admitting_rule_or_why_none_did() {
+        use weft_nft::conntrack::{Entry, Tuple};
+        let rs = compile(&two_pods(), "n", "weft");
+        let l = MarkLayout::default();
+        let (_, ids) = mark_table(&rs);
+        let (&(_, value), comments) = ids
+            .iter()
+            .find(|((f, _), _)| *f == l.field(Direction::Ingress))
+            .unwrap();
+        let entry = |src: &str, dst: &str, mark: u32| {
+            let (src, dst) = (src.parse().unwrap(), dst.parse().unwrap());
+            let t = Tuple {
+                src,
+                dst,
+                proto: 6,
+                sport: Some(40000),
+                dport: Some(80),
+            };
+            Entry {
+                orig: t,
+                reply: Tuple {
+                    src: dst,
+                    dst: src,
+                    sport: t.dport,
+                    dport: t.sport,
+                    ..t
+                },
+                mark,
+                id: 1,
+                zone: 0,
+                status: 0,
+                timeout: None,
+                tcp_state: Some(3),
+            }
+        };
+        let entries = vec![
+            entry("10.244.0.2", "10.244.0.3", value | 0xff),
+            entry("10.244.0.2", "10.244.0.3", 0),
+            entry("10.244.9.9", "10.244.0.3", 0),
+            entry("192.0.2.1", "192.0.2.2", 0),
+        ];
+        let (_, shown, rows) = flow_rows(&rs, &entries, false);
+        assert_eq!(shown.len(), 3, "the flow of no local pod is left out");
+        assert_eq!(rows[0]["admitted_by"]["ingress"]["rules"][0], comments[0]);
+        assert_eq!(rows[0]["admitted_by"]["egress"]["why"], "not isolated");
+        let why = rows[1]["admitted_by"]["ingress"]["why"].as_str().unwrap();
+        assert!(
+            why.starts_with("admitted before the pod was isolated"),
+            "{why}"
+        );
+        assert_eq!(
+            rows[2]["admitted_by"]["egress"]["why"],
+            "not a pod of this node: its own node judges it"
+        );
+        assert_eq!(flow_rows(&rs, &entries, true).1.len(), 4);
     }
 }

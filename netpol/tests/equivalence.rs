@@ -80,9 +80,9 @@ fn check_marks(
             continue; // another node writes this field
         };
         let id = layout.id(mark, direction);
-        let isolated = !eval::isolating_policies(cluster, pod, direction)
+        let isolated = eval::isolating_policies(cluster, pod, direction)
             .next()
-            .is_none();
+            .is_some();
         if !isolated {
             if id != 0 {
                 return Err(format!("{} not isolated but id {id}", direction.api_name()));

@@ -203,6 +203,10 @@ struct AgentArgs {
     /// Kubernetes Secret; every node the same). Empty: off.
     #[arg(long, env = "WEFT_MESH_SECRET_FILE")]
     mesh_secret_file: Option<PathBuf>,
+    /// The cluster secret itself, from the environment only (the DaemonSet sets it from the
+    /// Secret `weft-mesh`); `--mesh-secret-file` wins when both are given. Empty: off.
+    #[arg(skip = std::env::var("WEFT_MESH_SECRET").ok().filter(|s| !s.is_empty()))]
+    mesh_secret: Option<String>,
     /// TCP port of the mesh's control connections (the same on every node).
     #[arg(long, env = "WEFT_MESH_PORT", default_value_t = agent::mesh::DEFAULT_PORT)]
     mesh_port: u16,
@@ -384,10 +388,18 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             }
         }
     };
-    let mesh = match args.mesh_secret_file.filter(|p| !p.as_os_str().is_empty()) {
-        Some(secret_file) => Some(agent::mesh::MeshConfig {
+    let secret = match (
+        args.mesh_secret_file.filter(|p| !p.as_os_str().is_empty()),
+        args.mesh_secret,
+    ) {
+        (Some(file), _) => Some(agent::mesh::MeshSecret::File(file)),
+        (None, Some(value)) => Some(agent::mesh::MeshSecret::Value(value)),
+        (None, None) => None,
+    };
+    let mesh = match secret {
+        Some(secret) => Some(agent::mesh::MeshConfig {
             node: args.node.clone(),
-            secret_file,
+            secret,
             port: args.mesh_port,
             listen_ip: args.underlay_ip,
             state_dir: args.state_dir.clone(),
@@ -400,7 +412,9 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             },
         }),
         None if args.encryption == "on" => {
-            eprintln!("weft agent: --encryption on needs the mesh: give --mesh-secret-file");
+            eprintln!(
+                "weft agent: --encryption on needs the mesh: give --mesh-secret-file (or WEFT_MESH_SECRET)"
+            );
             return ExitCode::from(2);
         }
         None => None,

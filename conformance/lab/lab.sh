@@ -24,7 +24,8 @@
 #      overridden), WEFT_LAB_API (HOST:PORT the agents use as KUBERNETES_SERVICE_HOST/PORT,
 #      default the apiserver's 198.18.0.1:6443; e.g. a fault-injecting proxy),
 #      WEFT_LAB_PREFIX (namespace prefix, default weft-lab: set it to run two labs at once),
-#      WEFT_LAB_PROFILE=release (build and run optimised binaries; default debug).
+#      WEFT_LAB_PROFILE=release (build and run optimised binaries; default debug),
+#      WEFT_LAB_ENCRYPTION=1, WEFT_LAB_SECRET_FILE (the mesh with encryption: lab_encryption_node).
 set -Eeuo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -70,6 +71,31 @@ start_agent() { # node-index argv...   (the argv is recorded for restart-agent)
   start_bg "agent-node$i" "$(node_ns "$i")" "$@"
 }
 
+# --- opt-in: the node mesh and encryption (issue 9) ---------------------------------------
+# WEFT_LAB_ENCRYPTION=1: every agent runs the mesh with encryption on (its flags go through
+# WEFT_AGENT_ARGS: --mesh-secret-file $DIR/mesh-secret --encryption on --wireguard userspace)
+# and one weft-wg per node namespace owns its wgweft (config $DIR/run/node<i>/wg/wgweft.conf,
+# written by the agent; log in $DIR/logs/weft-wg-node<i>.log). The cluster secret is
+# WEFT_LAB_SECRET_FILE's content (default: 32 random bytes). Called once per node, before the
+# node's agent starts; the first call also builds weft-wg. (The agent publishes its mesh
+# identity as an annotation on its own Node: manifests/rbac.yaml lets it patch Nodes.)
+lab_encryption_node() { # node-index
+  local i=$1 secret=$DIR/mesh-secret
+  if [[ ! -s $secret ]]; then
+    log "encryption: building weft-wg; secret in $secret"
+    (cd "$REPO" && cargo build -q "${release[@]}" -p weft-mesh --bin weft-wg)
+    if [[ -n ${WEFT_LAB_SECRET_FILE:-} ]]; then
+      cp "$WEFT_LAB_SECRET_FILE" "$secret"
+    else
+      head -c 32 /dev/urandom | base64 >"$secret"
+    fi
+    chmod 600 "$secret"
+    WEFT_AGENT_ARGS="${WEFT_AGENT_ARGS:-} --mesh-secret-file $secret --encryption on --wireguard userspace"
+  fi
+  mkdir -p "$DIR/run/node$i/wg"
+  start_bg "weft-wg-node$i" "$(node_ns "$i")" "$TARGET/$PROFILE/weft-wg" run --config "$DIR/run/node$i/wg/wgweft.conf"
+}
+
 cmd_up() {
   local nodes=${1:-3}
   [[ -e "$DIR/cluster/state/env" ]] && die "a lab already runs in $DIR: '$0 down' first"
@@ -101,6 +127,7 @@ EOF
       -p "{\"status\":{\"addresses\":[{\"type\":\"InternalIP\",\"address\":\"$ip\"},{\"type\":\"Hostname\",\"address\":\"$n\"}]}}" >/dev/null
     wait_for "podCIDRs of $n" 60 bash -c "[[ -n \"\$(bash '$K8S/cluster.sh' kubectl '$DIR/cluster' get node $n -o jsonpath='{.spec.podCIDRs}')\" ]]"
     ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
+    [[ ${WEFT_LAB_ENCRYPTION:-0} == 1 ]] && lab_encryption_node "$i"
     mkdir -p "$DIR/run/node$i"
     # shellcheck disable=SC2086 # WEFT_AGENT_ARGS is a list of flags
     start_agent "$i" env WEFT_IMAGE_BIN="$TARGET/$PROFILE" bash "$HERE/manifest-agent.sh" run \

@@ -396,6 +396,10 @@ pub mod userspace {
     pub struct Running {
         device: Device<DefaultDeviceTransports>,
         current: DeviceConfig,
+        /// Started without peers: gotatun opens its socket and reads the TUN device only
+        /// once the device has peers, so it starts suspended and is resumed at the first
+        /// configuration that has some.
+        suspended: bool,
     }
 
     impl Running {
@@ -414,12 +418,14 @@ pub mod userspace {
                 .with_private_key(StaticSecret::from(cfg.private_key))
                 .with_listen_port(cfg.listen_port)
                 .with_peers(peers)
+                .suspended(cfg.peers.is_empty())
                 .build()
                 .await
                 .map_err(|e| DeviceError::Device(e.to_string()))?;
             Ok(Running {
                 device,
                 current: cfg.clone(),
+                suspended: cfg.peers.is_empty(),
             })
         }
 
@@ -466,6 +472,13 @@ pub mod userspace {
                 })
                 .await
                 .map_err(|e| DeviceError::Device(e.to_string()))?;
+            if self.suspended && !cfg.peers.is_empty() {
+                self.device
+                    .resume()
+                    .await
+                    .map_err(|e| DeviceError::Device(e.to_string()))?;
+                self.suspended = false;
+            }
             self.current = cfg.clone();
             Ok(n)
         }

@@ -80,8 +80,8 @@ impl WireguardBackend {
 pub struct MeshConfig {
     /// This node.
     pub node: String,
-    /// The cluster secret (a mounted Secret).
-    pub secret_file: PathBuf,
+    /// The cluster secret.
+    pub secret: MeshSecret,
     /// TCP port of the control connections (the same on every node).
     pub port: u16,
     /// Address to listen on (`None`: every address).
@@ -94,6 +94,35 @@ pub struct MeshConfig {
     pub wg_port: u16,
     /// Userspace or kernel WireGuard.
     pub backend: WireguardBackend,
+}
+
+/// Where the cluster secret comes from.
+#[derive(Clone)]
+pub enum MeshSecret {
+    /// A file (`--mesh-secret-file`; a mounted Secret).
+    File(PathBuf),
+    /// The value (`WEFT_MESH_SECRET`, set from the Secret by the DaemonSet).
+    Value(String),
+}
+
+impl std::fmt::Debug for MeshSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MeshSecret::File(p) => write!(f, "file {}", p.display()),
+            MeshSecret::Value(_) => f.write_str("WEFT_MESH_SECRET (value hidden)"),
+        }
+    }
+}
+
+impl MeshSecret {
+    fn load(&self) -> anyhow::Result<ClusterKeys> {
+        match self {
+            MeshSecret::File(p) => ClusterKeys::load(p)
+                .with_context(|| "mesh: the cluster secret (--mesh-secret-file)".to_string()),
+            MeshSecret::Value(v) => ClusterKeys::from_secret(v.as_bytes())
+                .with_context(|| "mesh: the cluster secret (WEFT_MESH_SECRET)".to_string()),
+        }
+    }
 }
 
 /// What the dataplane programs: one route choice per peer, and whether `wgweft` is ours.
@@ -550,8 +579,7 @@ pub async fn start(
     client: kube::Client,
     nodes: watch::Receiver<Vec<NodeInfo>>,
 ) -> anyhow::Result<watch::Receiver<MeshRouting>> {
-    let cluster = ClusterKeys::load(&cfg.secret_file)
-        .with_context(|| "mesh: the cluster secret (--mesh-secret-file)".to_string())?;
+    let cluster = cfg.secret.load()?;
     let identity = Identity::load_or_generate(&cfg.state_dir, &ring::rand::SystemRandom::new())
         .context("mesh: this node's identity key")?;
     let me = NodeName::new(&cfg.node)
@@ -789,6 +817,13 @@ impl Mesh {
                     info!(peer = %name, was = why, "mesh: peer authenticated again; its pods are reachable");
                 }
                 st.last_up = Some(Instant::now());
+                if st.live_link().is_none() {
+                    // Fully disconnected before: the peer may have restarted with other
+                    // settings (encryption off): it re-advertises on this connection.
+                    st.wg = None;
+                    st.sent_seq = 0;
+                    st.acked_seq = 0;
+                }
                 st.links.push(link.clone());
                 let mut first = vec![MeshMessage::Reachability(self.table.my_report()).encode()];
                 if let Some(adv) = self.advertised {
@@ -899,9 +934,12 @@ impl Mesh {
         let now = Instant::now();
         let mut probes = Vec::new();
         for (name, st) in &mut self.peers {
-            // The previous probe answered within the interval, over a live connection.
-            let ok = st.sent_seq > 0 && st.acked_seq == st.sent_seq && st.live_link().is_some();
-            probes.push((name.clone(), ok));
+            // The previous probe answered within the interval, over a live connection (a
+            // connection that has not probed yet is no observation).
+            let live = st.live_link().is_some();
+            if !live || st.sent_seq > 0 {
+                probes.push((name.clone(), live && st.acked_seq == st.sent_seq));
+            }
             if let Some(l) = st.live_link().cloned() {
                 st.sent_seq += 1;
                 st.sent_at = Some(now);

@@ -1,0 +1,280 @@
+#!/usr/bin/env bash
+# The mesh and encryption on the lab (issue 9): three nodes with WEFT_LAB_ENCRYPTION=1 (every
+# agent runs the mesh with --encryption on, one weft-wg per node), pods attached by the real
+# weft-cni, and checks against the kernel and the wire:
+#
+#   1. every node authenticates every other, routes their podCIDRs over wgweft (ip -j route)
+#   2. pod <-> pod TCP across nodes works; an underlay capture (tcpdump on the lab's bridge)
+#      carries no plaintext of a marker sent between pods, while a capture on the receiving
+#      node's wgweft (the control) does; WireGuard UDP is what the underlay carries
+#   3. a NetworkPolicy still judges traffic that arrives over wgweft (allowed source passes,
+#      another is refused)
+#   4. a fake peer sending a malformed frame and an oversized length prefix to the mesh port is
+#      disconnected and counted (weft_mesh_protocol_violations_total); the node is unaffected
+#   5. node1 <-> node3 blocked on the underlay (nft in node1's namespace): both switch to the
+#      relay through node2 (/debug/mesh, WireGuard AllowedIPs), pods still reach each other;
+#      unblocked: direct again
+#   6. mixed mode: node3's agent restarted with --encryption off: the others route it over
+#      vxweft, the rest stays on wgweft, traffic flows both ways; blocked again, node3's route
+#      to node1 goes via node2's tunnel address (ip -j route), unblocked: direct again
+#   7. node3's agent restarted with a wrong cluster secret: refused by the others (log line,
+#      weft_mesh_refused_peers, handshake failures cluster_secret_mismatch), its podCIDR
+#      unreachable from them (route type unreachable), pods cut off; node1 <-> node2 unaffected
+#
+# Namespaces weft-mt9-*, lab dir /tmp/weft-lab-mesh; torn down on every exit. Needs root.
+set -uo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+LAB="$REPO/conformance/lab/lab.sh"
+K8S="$REPO/conformance/k8s"
+export WEFT_LAB_PREFIX=weft-mt9 WEFT_LAB_DIR=/tmp/weft-lab-mesh WEFT_LAB_DEMO=0 WEFT_LAB_ENCRYPTION=1
+P=$WEFT_LAB_PREFIX
+DIR=$WEFT_LAB_DIR
+TARGET=${CARGO_TARGET_DIR:-$REPO/target}
+CNI="$TARGET/debug/weft-cni"
+T=$(mktemp -d /tmp/weft-mt9.XXXXXX)
+BG=()
+cleanup() {
+  local p
+  for p in "${BG[@]}"; do kill "$p" 2>/dev/null; done
+  ip netns exec "$P-node1" nft delete table inet weft-mt9-block 2>/dev/null
+  bash "$LAB" down >/dev/null 2>&1
+  rm -rf "$T"
+}
+trap cleanup EXIT
+passed=0; failed=0
+check() { if "$@"; then passed=$((passed + 1)); echo "ok   $*"; else failed=$((failed + 1)); echo "FAIL $*"; fi; }
+log() { printf '[mesh-test %s] %s\n' "$(date +%T)" "$*" >&2; }
+kc() { bash "$K8S/cluster.sh" kubectl "$DIR/cluster" "$@"; }
+finish() { echo "mesh-test: $passed passed, $failed failed"; [[ $failed == 0 ]]; exit $?; }
+
+# Waits until "$@" succeeds: seconds, command... (returns 1 on timeout; bounded in time)
+wait_until() {
+  local secs=$1; shift
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.5
+  done
+}
+
+node() { echo "$P-node$1"; }
+node_ip() { echo "198.18.0.$((10 + $1))"; }
+in_node() { local i=$1; shift; ip netns exec "$(node "$i")" "$@"; }
+mesh() { in_node "$1" curl -sf "http://$(node_ip "$1"):6784/debug/mesh"; }
+metrics() { in_node "$1" curl -sf "http://$(node_ip "$1"):6784/metrics"; }
+# peer field: node-index peer-index jq-field
+peer() { mesh "$1" | jq -r --arg p "$(node "$2")" ".peers[] | select(.name == \$p) | .$3"; }
+peer_is() { [[ $(peer "$1" "$2" "$3") == "$4" ]]; }
+cidr4() { kc get node "$(node "$1")" -o json | jq -r '.spec.podCIDRs[] | select(contains("."))'; }
+tunnel4() { local c; c=$(cidr4 "$1"); echo "${c%.0/*}.1"; }
+route_json() { in_node "$1" ip -j route show "$(cidr4 "$2")"; }
+route_dev() { [[ $(route_json "$1" "$2" | jq -r '.[0].dev // empty') == "$3" ]]; }
+route_gw() { [[ $(route_json "$1" "$2" | jq -r '.[0].gateway // empty') == "$3" ]]; }
+route_type() { [[ $(route_json "$1" "$2" | jq -r '.[0].type // "unicast"') == "$3" ]]; }
+
+log "lab up (3 nodes, encryption on)"
+if ! bash "$LAB" up 3 >"$T/up.log" 2>&1; then
+  tail -30 "$T/up.log"; failed=1; finish
+fi
+for i in 1 2 3; do C[$i]=$(cidr4 "$i"); done
+
+# --- pods: API object, netns, weft-cni ADD, status ------------------------------------------
+kc create namespace mt >/dev/null
+wait_until 30 kc -n mt get serviceaccount default
+conf() { echo "{\"cniVersion\":\"1.1.0\",\"name\":\"weft\",\"type\":\"weft-cni\",\"agentSocket\":\"$DIR/run/node$1/agent.sock\",\"stateDir\":\"$DIR/run/node$1\"}"; }
+pod_ns() { echo "$P-pod-mt-$1"; }
+in_pod() { local p=$1; shift; ip netns exec "$(pod_ns "$p")" "$@"; }
+make_pod() { # name node-index labels-json -> prints the pod's IPv4 address
+  local name=$1 i=$2 labels=$3 uid result ip4 try
+  kc create -f - >/dev/null <<EOF
+{"apiVersion":"v1","kind":"Pod","metadata":{"namespace":"mt","name":"$name","labels":$labels},
+ "spec":{"nodeName":"$(node "$i")","containers":[{"name":"main","image":"lab/none"}]}}
+EOF
+  uid=$(kc -n mt get pod "$name" -o jsonpath='{.metadata.uid}')
+  ip netns add "$(pod_ns "$name")"
+  ip -n "$(pod_ns "$name")" link set lo up
+  for try in 1 2 3; do
+    result=$(CNI_COMMAND=ADD CNI_CONTAINERID="mt-$name" CNI_NETNS="/run/netns/$(pod_ns "$name")" \
+      CNI_IFNAME=eth0 CNI_PATH=/nonexistent CNI_ARGS="K8S_POD_NAMESPACE=mt;K8S_POD_NAME=$name;K8S_POD_UID=$uid" \
+      in_node "$i" "$CNI" <<<"$(conf "$i")") && break
+    log "ADD $name (try $try): $result"; sleep 1
+  done
+  ip4=$(jq -r '[.ips[].address | select(contains(".")) | split("/")[0]][0]' <<<"$result")
+  kc -n mt patch pod "$name" --subresource=status --type=merge \
+    -p "{\"status\":{\"phase\":\"Running\",\"podIP\":\"$ip4\",\"podIPs\":[{\"ip\":\"$ip4\"}]}}" >/dev/null
+  echo "$ip4"
+}
+A=$(make_pod a 1 '{"role":"allowed"}')
+B=$(make_pod b 2 '{"app":"server"}')
+C=$(make_pod c 3 '{"role":"other"}')
+log "pods a=$A (node1) b=$B (node2) c=$C (node3)"
+for p in a b c; do
+  in_pod "$p" setsid socat TCP-LISTEN:7000,fork,reuseaddr EXEC:cat </dev/null >/dev/null 2>&1 &
+  BG+=($!)
+done
+in_pod b setsid socat -u TCP-LISTEN:7001,fork,reuseaddr "OPEN:$T/received,creat,append" </dev/null >/dev/null 2>&1 &
+BG+=($!)
+sleep 0.5
+# echo from-pod to-ip: a TCP round trip within 3 s
+echo_ok() { [[ $(echo "ping-$1" | in_pod "$1" timeout 4 socat -t2 - "TCP:$2:7000,connect-timeout=3" 2>/dev/null) == "ping-$1" ]]; }
+echo_fails() { ! echo_ok "$@"; }
+
+# --- 1. authenticated, encrypted routes -----------------------------------------------------
+all_encrypted() {
+  local i j
+  for i in 1 2 3; do for j in 1 2 3; do
+    [[ $i == "$j" ]] && continue
+    peer_is "$i" "$j" state established && peer_is "$i" "$j" encryption wireguard || return 1
+  done; done
+}
+log "waiting for every node to authenticate and encrypt to every other"
+check wait_until 90 all_encrypted
+identity_published() { [[ $(kc get node "$(node 1)" -o json | jq -r '.metadata.annotations["weft.dev/mesh-identity"]') == $(mesh 1 | jq -r .identity) ]]; }
+check identity_published
+for j in 2 3; do check route_dev 1 "$j" wgweft; done
+check route_dev 3 1 wgweft
+wg_device_up() { in_node 2 ip -j link show wgweft | jq -e '.[0].mtu == 1440 and (.[0].flags | index("UP"))' >/dev/null; }
+check wg_device_up
+
+# --- 2. traffic, and no plaintext on the underlay -------------------------------------------
+check echo_ok a "$B"
+check echo_ok a "$C"
+check echo_ok c "$B"
+MARKER="WEFT-MT9-PLAINTEXT-$RANDOM$RANDOM"
+# -Z root: tcpdump would otherwise write as its own user, which cannot write into $T.
+ip netns exec "$P-host" tcpdump -Z root -i br-underlay -U -n -w "$T/underlay.pcap" >"$T/tcpdump1.log" 2>&1 &
+CAP1=$!; BG+=("$CAP1")
+in_node 2 tcpdump -Z root -i wgweft -U -n -w "$T/inner.pcap" >"$T/tcpdump2.log" 2>&1 &
+CAP2=$!; BG+=("$CAP2")
+capturing() { grep -q "listening on" "$T/tcpdump1.log" && grep -q "listening on" "$T/tcpdump2.log"; }
+check wait_until 10 capturing
+sleep 0.3
+for n in 1 2 3 4 5; do echo "$MARKER line $n"; done | in_pod a timeout 5 socat -u - "TCP:$B:7001,connect-timeout=3"
+sleep 0.5
+# TERM, not INT: a background job of a non-interactive shell ignores SIGINT.
+kill -TERM "$CAP1" "$CAP2"; wait "$CAP1" "$CAP2" 2>/dev/null
+delivered() { grep -q "$MARKER line 5" "$T/received"; }
+check delivered
+inner_has_marker() { grep -aq "$MARKER" "$T/inner.pcap"; }
+check inner_has_marker
+underlay_has_no_marker() { [[ -s $T/underlay.pcap ]] && ! grep -aq "$MARKER" "$T/underlay.pcap"; }
+check underlay_has_no_marker
+underlay_carries_wireguard() { (($(tcpdump -n -r "$T/underlay.pcap" udp port 51820 2>/dev/null | wc -l) >= 4)); }
+check underlay_carries_wireguard
+
+# --- 3. the policy engine judges traffic arriving over wgweft --------------------------------
+kc apply -f - >/dev/null <<'EOF'
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server-from-allowed, namespace: mt}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress: [{from: [{podSelector: {matchLabels: {role: allowed}}}], ports: [{port: 7000}]}]
+EOF
+log "policy: b accepts only role=allowed on 7000"
+check wait_until 15 echo_fails c "$B"
+check echo_ok a "$B"
+policy_in_node2_ruleset() { in_node 2 nft -j list table inet weft | jq -e '[.nftables[] | .rule? | select(.) | .comment? // empty | select(startswith("mt/server-from-allowed"))] | length >= 1' >/dev/null; }
+check policy_in_node2_ruleset
+kc -n mt delete networkpolicy server-from-allowed >/dev/null
+check wait_until 15 echo_ok c "$B"
+
+# --- 4. a fake peer: malformed and oversized frames ------------------------------------------
+violations() { metrics 1 | awk -v k="weft_mesh_protocol_violations_total{violation=\"$1\"}" '$1 == k {print $2}'; }
+fake_peer() { # what -> 0 when node1 closed the connection on it
+  ip netns exec "$P-host" python3 - "$(node_ip 1)" "$1" <<'EOF'
+import socket, struct, sys, time
+host, what = sys.argv[1], sys.argv[2]
+s = socket.create_connection((host, 6786), timeout=5)
+if what == "malformed":
+    body = b"\x07not-a-hello-at-all"
+    s.sendall(struct.pack(">I", len(body)) + body)
+else:  # oversized: a length prefix far over the 64 KiB limit, then bytes
+    s.sendall(struct.pack(">I", 0x7FFFFFF0) + b"x" * 1024)
+deadline = time.time() + 5
+try:
+    while time.time() < deadline:
+        if s.recv(4096) == b"":
+            sys.exit(0)          # closed by the node
+except ConnectionResetError:
+    sys.exit(0)
+except socket.timeout:
+    pass
+sys.exit(1)
+EOF
+}
+check fake_peer malformed
+check fake_peer oversized
+counted() { [[ $(violations "$1") -ge 1 ]]; }
+check wait_until 5 counted malformed
+check wait_until 5 counted oversize
+check peer_is 1 2 state established
+check echo_ok a "$B"
+
+# --- 5. relay: node1 <-> node3 blocked on the underlay ---------------------------------------
+block() {
+  in_node 1 nft -f - <<EOF
+table inet weft-mt9-block {
+  chain in { type filter hook input priority -300; ip saddr $(node_ip 3) drop; }
+  chain out { type filter hook output priority -300; ip daddr $(node_ip 3) drop; }
+}
+EOF
+}
+unblock() { in_node 1 nft delete table inet weft-mt9-block; }
+log "blocking node1 <-> node3"
+block
+check wait_until 30 peer_is 1 3 path "via $(node 2)"
+check wait_until 30 peer_is 3 1 path "via $(node 2)"
+relayed_metric() { [[ $(metrics 1 | awk '$1 == "weft_mesh_relayed_peers" {print $2}') == 1 ]]; }
+check relayed_metric
+# node1's WireGuard peer node2 now carries node3's podCIDR.
+allowed_via_node2() {
+  local key2; key2=$(mesh 2 | jq -r .encryption.public_key)
+  awk -v k="$key2" '/^\[Peer\]/{p=0} $0 == "PublicKey = " k {p=1} p && /^AllowedIPs/' "$DIR/run/node1/wg/wgweft.conf" | grep -qF "${C[3]}"
+}
+check allowed_via_node2
+check wait_until 10 echo_ok a "$C"
+check echo_ok c "$A"
+log "unblocking"
+unblock
+check wait_until 40 peer_is 1 3 path direct
+check wait_until 20 peer_is 3 1 path direct
+check wait_until 10 echo_ok a "$C"
+
+# --- 6. mixed mode: node3 without encryption --------------------------------------------------
+log "node3's agent restarted with --encryption off"
+sed -i 's/--encryption on/--encryption off/' "$DIR/run/node3/agent.cmd"
+bash "$LAB" restart-agent 3 TERM 0 >/dev/null 2>&1
+check wait_until 40 peer_is 1 3 encryption plain
+check wait_until 10 route_dev 1 3 vxweft
+check route_gw 1 3 "$(tunnel4 3)"
+check route_dev 1 2 wgweft
+check peer_is 3 1 encryption plain
+check wait_until 10 echo_ok a "$C"
+check echo_ok c "$B"
+log "blocking node1 <-> node3 (mixed mode)"
+block
+check wait_until 30 route_gw 3 1 "$(tunnel4 2)"
+check wait_until 10 echo_ok c "$A"
+unblock
+check wait_until 40 route_gw 3 1 "$(tunnel4 1)"
+
+# --- 7. a wrong cluster secret ----------------------------------------------------------------
+log "node3's agent restarted with a wrong secret"
+head -c 32 /dev/urandom | base64 >"$DIR/mesh-secret-wrong"
+sed -i "s|$DIR/mesh-secret|$DIR/mesh-secret-wrong|" "$DIR/run/node3/agent.cmd"
+bash "$LAB" restart-agent 3 TERM 0 >/dev/null 2>&1
+check wait_until 40 peer_is 1 3 state refused
+check wait_until 20 peer_is 2 3 state refused
+refused_metric() { [[ $(metrics 1 | awk '$1 == "weft_mesh_refused_peers" {print $2}') == 1 ]]; }
+check refused_metric
+secret_failures() { metrics 1 | awk '$1 ~ /^weft_mesh_handshake_failures_total\{reason="(cluster_secret_mismatch|refused_cluster_secret)"\}$/ {n += $2} END {exit !(n >= 1)}'; }
+check secret_failures
+logged() { grep -q "cluster secret mismatch" "$DIR/logs/agent-node1.log"; }
+check logged
+check wait_until 10 route_type 1 3 unreachable
+check echo_fails a "$C"
+check echo_ok a "$B"
+
+finish

@@ -30,10 +30,10 @@ check applied
 SA=system:serviceaccount:kube-system:weft
 can() { [[ $(kc auth can-i "$@" --as=$SA 2>/dev/null) == yes ]]; }
 cannot() { ! can "$@"; }
-for v in "list pods" "watch pods" "list namespaces" "watch networkpolicies.networking.k8s.io" "list nodes" "create events" "create events.events.k8s.io"; do
+for v in "list pods" "watch pods" "list namespaces" "watch networkpolicies.networking.k8s.io" "list nodes" "create events" "create events.events.k8s.io" "patch nodes"; do
   check can $v
 done
-for v in "get secrets" "update pods" "delete networkpolicies.networking.k8s.io" "create pods" "patch nodes/status"; do
+for v in "get secrets" "update pods" "delete networkpolicies.networking.k8s.io" "create pods" "patch nodes --subresource=status"; do
   check cannot $v
 done
 # The agent under the ServiceAccount's token only, with the DaemonSet's args.

@@ -230,7 +230,105 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
         }
         _ => println!("no object errors"),
     }
+    println!("{}", modes_line(&v["modes"]));
+    for line in mesh_lines(&v["mesh"]) {
+        println!("{line}");
+    }
     ExitCode::SUCCESS
+}
+
+/// `modes: …` of `weft status`: marks, strict conntrack, drop log.
+fn modes_line(m: &serde_json::Value) -> String {
+    if m.is_null() {
+        return "modes: (not reported by this agent)".into();
+    }
+    let marks = match m["ct_marks"]
+        .as_array()
+        .map(|a| (a[0].as_u64(), a[1].as_u64()))
+    {
+        Some((Some(shift), Some(bits))) => format!(
+            "conntrack marks: ingress rule ids in bits {}-{}, egress {}-{} (weft flows)",
+            shift,
+            shift + bits - 1,
+            shift + bits,
+            shift + 2 * bits - 1
+        ),
+        _ => "conntrack marks off".into(),
+    };
+    let strict = if m["strict_conntrack"].as_bool() == Some(true) {
+        "strict conntrack on (flows a tightened policy no longer admits are cut)"
+    } else {
+        "strict conntrack off (established flows keep going)"
+    };
+    let drops = match m["log_drops"]
+        .as_array()
+        .map(|a| (a[0].as_u64(), a[1].as_u64()))
+    {
+        Some((Some(group), Some(rate))) => {
+            format!(
+                "drop log on (nflog group {group}, {rate}/s per group chain; weft status --drops)"
+            )
+        }
+        _ => "drop log off".into(),
+    };
+    format!("modes: {marks}; {strict}; {drops}")
+}
+
+/// The mesh part of `weft status`: this node's side, then one line per peer.
+fn mesh_lines(m: &serde_json::Value) -> Vec<String> {
+    if m.is_null() {
+        return vec!["mesh: off (no --mesh-secret-file)".into()];
+    }
+    let e = &m["encryption"];
+    let encryption = if e["enabled"].as_bool() == Some(true) {
+        format!(
+            "encryption on ({}, {})",
+            e["backend"].as_str().unwrap_or("?"),
+            match (e["ready"].as_bool(), e["problem"].as_str()) {
+                (Some(true), _) => "ready".to_string(),
+                (_, Some(p)) => format!("NOT READY: {p}"),
+                _ => "NOT READY".to_string(),
+            }
+        )
+    } else {
+        "encryption off".into()
+    };
+    let mut out = vec![format!(
+        "mesh: port {}, identity {}, {encryption}",
+        m["port"],
+        if m["identity_published"].as_bool() == Some(true) {
+            "published on the Node"
+        } else {
+            "NOT YET PUBLISHED on the Node"
+        }
+    )];
+    let peers = m["peers"].as_array().cloned().unwrap_or_default();
+    if peers.is_empty() {
+        out.push("  no peers".into());
+        return out;
+    }
+    out.push(format!(
+        "  {:<20} {:<16} {:<12} {:<16} {:<10} {}",
+        "peer", "address", "state", "path", "pods via", "last handshake"
+    ));
+    for p in peers {
+        let state = match p["refused"].as_str() {
+            Some(why) => format!("{} ({why})", p["state"].as_str().unwrap_or("?")),
+            None => p["state"].as_str().unwrap_or("?").to_string(),
+        };
+        out.push(format!(
+            "  {:<20} {:<16} {:<12} {:<16} {:<10} {}",
+            p["name"].as_str().unwrap_or("?"),
+            p["address"].as_str().unwrap_or("-"),
+            state,
+            p["path"].as_str().unwrap_or("?"),
+            p["encryption"].as_str().unwrap_or("?"),
+            p["last_handshake_age_seconds"]
+                .as_f64()
+                .map_or("never".to_string(), |s| format!("{s:.1}s ago"))
+        ));
+    }
+    out
 }
 
 /// Reads weft's table from the kernel of this node (for the commands that need no agent).
@@ -680,6 +778,80 @@ pub fn cleanup(table: &str, state_dir: Option<&Path>, json: bool) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn status_names_the_modes_and_every_mesh_peer() {
+        use crate::agent::conntrack::Modes;
+        use crate::agent::mesh::{MeshSnapshot, PeerSnapshot};
+        let m = serde_json::to_value(Modes {
+            ct_marks: Some((8, 12)),
+            strict_conntrack: true,
+            log_drops: Some((5, 10)),
+        })
+        .unwrap();
+        let line = modes_line(&m);
+        assert!(
+            line.contains("ingress rule ids in bits 8-19, egress 20-31"),
+            "{line}"
+        );
+        assert!(line.contains("strict conntrack on"), "{line}");
+        assert!(line.contains("nflog group 5, 10/s"), "{line}");
+        let off = modes_line(&serde_json::to_value(Modes::default()).unwrap());
+        assert!(
+            off.contains("conntrack marks off") && off.contains("drop log off"),
+            "{off}"
+        );
+
+        assert_eq!(
+            mesh_lines(&serde_json::Value::Null),
+            vec!["mesh: off (no --mesh-secret-file)"]
+        );
+        let snap = MeshSnapshot {
+            node: "n1".into(),
+            port: 6783,
+            identity_published: true,
+            peers: vec![
+                PeerSnapshot {
+                    name: "n2".into(),
+                    address: Some("198.18.0.12".parse().unwrap()),
+                    state: "established".into(),
+                    path: "via n3".into(),
+                    encryption: "plain".into(),
+                    last_handshake_age_seconds: Some(2.5),
+                    ..Default::default()
+                },
+                PeerSnapshot {
+                    name: "rogue".into(),
+                    state: "refused".into(),
+                    refused: Some("wrong cluster secret".into()),
+                    path: "down".into(),
+                    encryption: "blocked".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let lines = mesh_lines(&serde_json::to_value(&snap).unwrap());
+        assert!(
+            lines[0].starts_with("mesh: port 6783, identity published"),
+            "{lines:?}"
+        );
+        assert!(lines[0].contains("encryption off"), "{lines:?}");
+        let n2 = lines.iter().find(|l| l.contains("n2")).expect("peer n2");
+        assert!(
+            n2.contains("198.18.0.12") && n2.contains("via n3") && n2.contains("2.5s ago"),
+            "{n2}"
+        );
+        let rogue = lines
+            .iter()
+            .find(|l| l.contains("rogue"))
+            .expect("peer rogue");
+        assert!(
+            rogue.contains("refused (wrong cluster secret)") && rogue.contains("never"),
+            "{rogue}"
+        );
+    }
+
     use super::*;
     use weft_netpol::compile::{MarkLayout, compile};
     use weft_netpol::model::{

@@ -11,6 +11,8 @@ trap 'bash "$HERE/lab.sh" down >/dev/null 2>&1; rm -f "$out" "$out.err" "$out.x"
 passed=0; failed=0
 check() { if "$@"; then passed=$((passed + 1)); echo "ok   $*"; else failed=$((failed + 1)); echo "FAIL $*"; fi; }
 
+# The drop log on (off by default) for the flows-and-drops checks below.
+export WEFT_AGENT_ARGS="${WEFT_AGENT_ARGS:-} --log-drops"
 bash "$HERE/lab.sh" up 3 >"$out" 2>"$out.err" || { cat "$out.err"; echo "lab-test: 0 passed, 1 failed"; exit 1; }
 only_tables() { awk '/^TCP /{p=1} /^Look around/{p=0} p' | grep -v '^$'; }
 table() { only_tables <"$out"; }
@@ -87,6 +89,44 @@ conflist_names_the_agent() {
     "$WEFT_LAB_DIR/run/node1/net.d/10-weft.conflist" >/dev/null
 }
 check conflist_names_the_agent
+# Flows and drops, read on node 1 (the agents run with --log-drops): an allowed long-lived
+# connection ui -> api:8080 is listed by `weft flows` with the policy rule that admitted it
+# (from its conntrack mark); a denied one batch -> api:8080 shows in `weft status --drops` with
+# the isolating policy, and in the agent's weft_drops_logged_total.
+api_ip() { awk '{print $1}' "$WEFT_LAB_DIR/pods/shop_api.ips"; }
+flow_names_its_rule() {
+  local pid json
+  ip netns exec $P-pod-clients-ui timeout 20 socat -T20 - "TCP:$(api_ip):8080,connect-timeout=2" </dev/null >/dev/null 2>&1 &
+  pid=$!
+  sleep 1
+  json=$(ip netns exec $P-node1 "$W" flows --json)
+  kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  jq -e --arg ip "$(api_ip)" '[.flows[] | select(.dst == $ip and .dport == 8080)
+      | .admitted_by.ingress.rules[]? | select(startswith("shop/api-from-ui ingress[0]"))] | length >= 1' <<<"$json" >/dev/null \
+    || { echo "  flows: $(head -c 600 <<<"$json")"; return 1; }
+}
+check flow_names_its_rule
+drop_shown_with_its_policy() {
+  local before json i batch
+  batch=$(awk '{print $1}' "$WEFT_LAB_DIR/pods/clients_batch.ips")
+  before=$(node1_metric weft_drops_logged_total)
+  ip netns exec $P-pod-clients-batch socat -T1 - "TCP:$(api_ip):8080,connect-timeout=1" </dev/null >/dev/null 2>&1 && { echo "  batch reached api"; return 1; }
+  for i in $(seq 1 30); do  # the agent writes its drop file at most once a second
+    json=$(ip netns exec $P-node1 "$W" status --drops --json --socket "$S")
+    jq -e --arg src "$batch" --arg dst "$(api_ip)" '[.drop_log.recent[]? | select(.src == $src and .dst == $dst and .dport == 8080
+        and (.isolated_by | tostring | contains("shop/api-from-ui")))] | length >= 1' <<<"$json" >/dev/null && break
+    sleep 0.2
+  done
+  jq -e --arg src "$batch" '[.drop_log.recent[]? | select(.src == $src)] | length >= 1' <<<"$json" >/dev/null \
+    || { echo "  status --drops: $(head -c 600 <<<"$json")"; return 1; }
+  [ "$(node1_metric weft_drops_logged_total)" -gt "${before:-0}" ] || { echo "  weft_drops_logged_total did not move"; return 1; }
+}
+check drop_shown_with_its_policy
+status_names_modes() {
+  "$W" status --socket "$S" | grep -q '^modes: conntrack marks: ingress rule ids in bits 8-19.*drop log on' \
+    && "$W" status --socket "$S" | grep -q '^mesh: '
+}
+check status_names_modes
 # hostPort: the conflist the agent wrote chains the reference `portmap` plugin. Run it as node
 # 1's kubelet would: libcni's cnitool in node 1's own view (the agent's mount namespace, where
 # /etc/cni/net.d, /opt/cni/bin and /run/weft are node 1's, and its network namespace), with

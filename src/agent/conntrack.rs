@@ -35,29 +35,52 @@ use weft_nft::conntrack::{self, Conntrack, Entry};
 pub struct FlowArgs {
     /// Bit position of the ingress rule-id field in the conntrack mark; the egress field
     /// starts right above it. Other mark bits are never touched.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, env = "WEFT_CT_MARK_SHIFT", default_value_t = 8)]
     pub ct_mark_shift: u32,
     /// Bits of each rule-id field (ids 1 to 2^bits - 1); 0: accept rules write no mark.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, env = "WEFT_CT_MARK_BITS", default_value_t = 12)]
     pub ct_mark_bits: u32,
     /// Strict conntrack mode: after a policy change, delete the conntrack entries the
     /// policies no longer admit (by tuple, never a flush). Default: established flows keep
     /// going.
-    #[arg(long)]
+    #[arg(long, env = "WEFT_STRICT_CONNTRACK")]
     pub strict_conntrack: bool,
     /// Log denied new connections (rate-limited, to an nflog group the agent listens on;
     /// `weft status --drops` shows them).
-    #[arg(long)]
+    #[arg(long, env = "WEFT_LOG_DROPS")]
     pub log_drops: bool,
     /// nflog group of the drop log.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, env = "WEFT_LOG_DROPS_GROUP", default_value_t = 5)]
     pub log_drops_group: u16,
     /// Denied connections logged per second and group chain (burst: 5).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "WEFT_LOG_DROPS_RATE", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub log_drops_rate: u64,
 }
 
+/// The modes in force, as `/debug/state` (and `weft status`) report them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Modes {
+    /// Conntrack mark fields `(shift, bits)`: ingress ids from bit `shift`, egress ids right
+    /// above; `None`: accept rules write no mark.
+    pub ct_marks: Option<(u32, u32)>,
+    /// Strict conntrack mode.
+    pub strict_conntrack: bool,
+    /// The drop log's nflog group and rate (per second and group chain), when on.
+    pub log_drops: Option<(u16, u64)>,
+}
+
 impl FlowArgs {
+    /// The modes these flags select.
+    pub fn modes(&self) -> Modes {
+        Modes {
+            ct_marks: (self.ct_mark_bits > 0).then_some((self.ct_mark_shift, self.ct_mark_bits)),
+            strict_conntrack: self.strict_conntrack,
+            log_drops: self
+                .log_drops
+                .then_some((self.log_drops_group, self.log_drops_rate)),
+        }
+    }
+
     /// What the compiler writes, from the flags.
     pub fn observability(&self) -> Result<Observability, String> {
         let marks = match self.ct_mark_bits {
@@ -139,7 +162,7 @@ impl Strict {
     /// Deletes the entries `cluster`'s policies no longer admit on `node`. Failures are
     /// logged and leave enforcement alone: only established flows outlive their policy.
     /// The ctnetlink socket is opened per pass (it is not `Send`; the controller moves).
-    pub fn after_apply(&mut self, cluster: &Cluster, node: &str) {
+    pub fn after_apply(&mut self, cluster: &Cluster, node: &str) -> Result<usize, ()> {
         let started = Instant::now();
         let own = node_addresses();
         let result = Conntrack::open()
@@ -160,12 +183,14 @@ impl Strict {
                         "strict conntrack pass"
                     );
                 }
+                Ok(report.deleted.len())
             }
             Err(e) => {
                 if self.failing == 0 {
                     warn!(error = %e, "strict conntrack pass failed: flows of tightened policies keep going until a later pass succeeds (runs after every change)");
                 }
                 self.failing += 1;
+                Err(())
             }
         }
     }

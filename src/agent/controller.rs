@@ -65,6 +65,8 @@ pub struct Shared {
     pub live_pod_uids: Mutex<Option<Arc<std::collections::HashSet<String>>>>,
     /// What the nftables monitor saw: foreign commits to our table, generations.
     pub table_watch: Arc<super::nftwatch::TableWatch>,
+    /// Conntrack marks, strict mode, drop log: what is in force (set at start).
+    pub modes: Mutex<super::conntrack::Modes>,
 }
 
 /// How often, at most, the controller republishes [`Shared::live_pod_uids`] after pod changes.
@@ -89,6 +91,7 @@ impl Shared {
             queries: Mutex::default(),
             live_pod_uids: Mutex::default(),
             table_watch: Arc::default(),
+            modes: Mutex::default(),
         }
     }
 
@@ -586,7 +589,13 @@ impl Controller {
                     .fetch_add(ops.len() as u64, Ordering::Relaxed);
                 debug!(element_ops, elements, other, "transaction committed");
                 if let (Some(strict), Phase::Running { engine }) = (&mut self.strict, &self.phase) {
-                    strict.after_apply(engine.cluster(), &self.cfg.node);
+                    let m = &self.shared.metrics;
+                    match strict.after_apply(engine.cluster(), &self.cfg.node) {
+                        Ok(cut) => m
+                            .conntrack_flows_cut
+                            .fetch_add(cut as u64, Ordering::Relaxed),
+                        Err(()) => m.conntrack_pass_failures.fetch_add(1, Ordering::Relaxed),
+                    };
                 }
                 true
             }

@@ -80,7 +80,11 @@ fn write_atomically(path: &Path, f: &DropFile) -> std::io::Result<()> {
 
 /// Starts the listener thread. Binding errors (e.g. another listener holds the group) are
 /// returned; later receive errors are logged and retried after a pause.
-pub fn spawn(group: u16, path: PathBuf) -> std::io::Result<()> {
+pub fn spawn(
+    group: u16,
+    path: PathBuf,
+    metrics: std::sync::Arc<super::metrics::Metrics>,
+) -> std::io::Result<()> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("weft-drops".into())
@@ -115,6 +119,9 @@ pub fn spawn(group: u16, path: PathBuf) -> std::io::Result<()> {
                                 continue;
                             };
                             file.total += 1;
+                            metrics
+                                .drops_logged
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             if ring.len() == RING {
                                 ring.pop_front();
                             }

@@ -71,7 +71,11 @@ pub fn respond(shared: &Shared, listener: Listener, path: &str) -> (u16, &'stati
         }
         "/debug/mesh" => match super::mesh::debug_json() {
             Some(json) => (200, "application/json", json),
-            None => (404, "text/plain", "mesh off (no --mesh-secret-file)\n".into()),
+            None => (
+                404,
+                "text/plain",
+                "mesh off (no --mesh-secret-file)\n".into(),
+            ),
         },
         "/debug/state" if listener == Listener::Unix => {
             (200, "application/json", debug_state(shared))
@@ -190,8 +194,12 @@ pub fn debug_state(shared: &Shared) -> String {
             serde_json::Value::from(v.clone())
         );
     }
+    let modes = serde_json::to_string(&*shared.modes.lock().unwrap_or_else(|e| e.into_inner()))
+        .unwrap_or_else(|_| "null".into());
+    // The mesh's snapshot (null when the mesh is off): peers for `weft status`.
+    let mesh = super::mesh::debug_json().unwrap_or_else(|| "null".into());
     format!(
-        "{{\"node\":{},\"ready\":{},\"kinds\":{{{}}},\"table\":{{\"sets\":{sets},\"elements\":{elements},\"chains\":{chains},\"rules\":{rules}}},\"object_errors\":{{{errs}}}}}\n",
+        "{{\"node\":{},\"ready\":{},\"kinds\":{{{}}},\"table\":{{\"sets\":{sets},\"elements\":{elements},\"chains\":{chains},\"rules\":{rules}}},\"object_errors\":{{{errs}}},\"modes\":{modes},\"mesh\":{mesh}}}\n",
         serde_json::Value::from(shared.node.clone()),
         shared.ready(WATCH_GRACE).is_ok(),
         kinds.join(",")

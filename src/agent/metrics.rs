@@ -91,6 +91,12 @@ pub struct Metrics {
     pub ready: AtomicU64,
     /// Drift between the kernel and the desired table repaired by a diff.
     pub drift_repairs: AtomicU64,
+    /// Conntrack entries strict mode deleted (flows a tightened policy no longer admits).
+    pub conntrack_flows_cut: AtomicU64,
+    /// Strict-mode passes that failed (those flows keep going until a pass succeeds).
+    pub conntrack_pass_failures: AtomicU64,
+    /// Denied new connections the drop log received.
+    pub drops_logged: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -108,6 +114,9 @@ impl Default for Metrics {
             policy_realization: Histogram::new(DURATION_BUCKETS),
             ready: AtomicU64::new(0),
             drift_repairs: AtomicU64::new(0),
+            conntrack_flows_cut: AtomicU64::new(0),
+            conntrack_pass_failures: AtomicU64::new(0),
+            drops_logged: AtomicU64::new(0),
         }
     }
 }
@@ -246,6 +255,24 @@ impl Metrics {
                 "Drift of the kernel's table repaired by a diff.",
                 "counter",
                 load(&self.drift_repairs),
+            ),
+            (
+                "weft_conntrack_flows_cut_total",
+                "Conntrack entries strict mode deleted because the policies no longer admit them.",
+                "counter",
+                load(&self.conntrack_flows_cut),
+            ),
+            (
+                "weft_conntrack_strict_pass_failures_total",
+                "Strict-mode passes that failed (the flows keep going until a later pass).",
+                "counter",
+                load(&self.conntrack_pass_failures),
+            ),
+            (
+                "weft_drops_logged_total",
+                "Denied new connections received from the drop log (rate-limited per group chain).",
+                "counter",
+                load(&self.drops_logged),
             ),
         ] {
             let _ = writeln!(

@@ -158,6 +158,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(ev_tx),
     )
     .with_nodes_channel(nodes_tx);
+    *shared.modes.lock().unwrap_or_else(|e| e.into_inner()) = cfg.flows.modes();
     let controller = if cfg.flows.strict_conntrack && !cfg.dry_run {
         info!("strict conntrack mode: flows the policies no longer admit are cut");
         controller.with_strict_conntrack()
@@ -166,7 +167,11 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     if cfg.flows.log_drops && !cfg.dry_run {
         // Observability only: enforcement goes on without it.
-        if let Err(e) = drops::spawn(cfg.flows.log_drops_group, drops::file_for(&cfg.socket)) {
+        if let Err(e) = drops::spawn(
+            cfg.flows.log_drops_group,
+            drops::file_for(&cfg.socket),
+            metrics.clone(),
+        ) {
             warn!(error = %e, group = cfg.flows.log_drops_group, "drop log: not listening (denied connections are still counted; is another process bound to this nflog group? pick another with --log-drops-group)");
         }
     }

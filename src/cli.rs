@@ -219,6 +219,7 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
         t["chains"],
         t["rules"]
     );
+    println!("{}", enforced_line(&v["enforced"]));
     match v["object_errors"].as_object() {
         Some(errs) if !errs.is_empty() => {
             println!("objects with problems (enforced fail-closed):");
@@ -235,6 +236,24 @@ pub fn status(socket: &Path, json: bool) -> ExitCode {
         println!("{line}");
     }
     ExitCode::SUCCESS
+}
+
+/// `enforcing: …` of `weft status`: policies and pods.
+fn enforced_line(e: &serde_json::Value) -> String {
+    if e.is_null() {
+        return "enforcing: (not reported by this agent)".into();
+    }
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    format!(
+        "enforcing: {} of {} policies have rules here; {} pods known, local pod addresses {} IPv4 + {} IPv6 ({} isolated for ingress, {} for egress)",
+        n(&e["policies_here"]),
+        n(&e["policies"]),
+        n(&e["pods"]),
+        n(&e["local_addresses"][0]),
+        n(&e["local_addresses"][1]),
+        n(&e["isolated_addresses"][0]),
+        n(&e["isolated_addresses"][1]),
+    )
 }
 
 /// `modes: …` of `weft status`: marks, strict conntrack, drop log.

@@ -123,8 +123,10 @@ drop_shown_with_its_policy() {
 }
 check drop_shown_with_its_policy
 status_names_modes() {
-  "$W" status --socket "$S" | grep -q '^modes: conntrack marks: ingress rule ids in bits 8-19.*drop log on' \
-    && "$W" status --socket "$S" | grep -q '^mesh: '
+  "$W" status --socket "$S" >"$out.x" || return 1
+  grep -q '^modes: conntrack marks: ingress rule ids in bits 8-19.*drop log on' "$out.x" \
+    && grep -qE '^enforcing: [1-3] of 3 policies have rules here; [0-9]+ pods known, local pod addresses 2 IPv4' "$out.x" \
+    && grep -q '^mesh: ' "$out.x" || { cat "$out.x"; return 1; }
 }
 check status_names_modes
 # hostPort: the conflist the agent wrote chains the reference `portmap` plugin. Run it as node

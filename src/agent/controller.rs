@@ -67,6 +67,50 @@ pub struct Shared {
     pub table_watch: Arc<super::nftwatch::TableWatch>,
     /// Conntrack marks, strict mode, drop log: what is in force (set at start).
     pub modes: Mutex<super::conntrack::Modes>,
+    /// What the last committed table enforces (for status).
+    pub enforced: Mutex<Enforced>,
+}
+
+/// What this node's table enforces, counted after every commit (for `weft status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Enforced {
+    /// NetworkPolicies the agent knows (cluster-wide).
+    pub policies: usize,
+    /// Of those, the ones with rules in this node's table (they select a local pod).
+    pub policies_here: usize,
+    /// Pods the agent knows (cluster-wide).
+    pub pods: usize,
+    /// Local pod addresses (IPv4, IPv6).
+    pub local_addresses: (usize, usize),
+    /// Local pod addresses isolated for ingress, for egress (IPv4 + IPv6).
+    pub isolated_addresses: (usize, usize),
+}
+
+impl Enforced {
+    /// Counts from the model and the desired table (O(sets + chains), not O(pods)).
+    pub fn of(cluster: &weft_netpol::model::Cluster, rs: &weft_netpol::Ruleset) -> Enforced {
+        let len = |name: &str| rs.sets.get(name).map_or(0, |s| s.elements.len());
+        let policies_here: BTreeSet<&str> = rs
+            .chains
+            .keys()
+            .filter(|c| c.starts_with("pol-"))
+            .map(|c| {
+                c.strip_suffix("-in")
+                    .or_else(|| c.strip_suffix("-eg"))
+                    .unwrap_or(c)
+            })
+            .collect();
+        Enforced {
+            policies: cluster.policies.len(),
+            policies_here: policies_here.len(),
+            pods: cluster.pods.len(),
+            local_addresses: (len("pods-local-v4"), len("pods-local-v6")),
+            isolated_addresses: (
+                len("ingress-dispatch-v4") + len("ingress-dispatch-v6"),
+                len("egress-dispatch-v4") + len("egress-dispatch-v6"),
+            ),
+        }
+    }
 }
 
 /// How often, at most, the controller republishes [`Shared::live_pod_uids`] after pod changes.
@@ -92,6 +136,7 @@ impl Shared {
             live_pod_uids: Mutex::default(),
             table_watch: Arc::default(),
             modes: Mutex::default(),
+            enforced: Mutex::default(),
         }
     }
 
@@ -575,6 +620,11 @@ impl Controller {
                 rs.chains.len(),
                 rs.rule_count(),
             );
+            *self
+                .shared
+                .enforced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Enforced::of(engine.cluster(), rs);
         }
     }
 
@@ -1084,6 +1134,35 @@ mod tests {
     }
 
     use crate::agent::backend::Backend;
+
+    #[test]
+    fn status_counts_what_the_committed_table_enforces() {
+        let shared = Arc::new(Shared::new("n1", Arc::new(Metrics::default())));
+        let cfg = ControllerConfig {
+            node: "n1".into(),
+            table: "weft".into(),
+            inject_panic_policy: None,
+            max_reconciles_per_second: 1000,
+            drift_check_interval: Duration::ZERO,
+        };
+        let mut c = Controller::new(cfg, Box::new(Memory::new("weft")), shared.clone(), None);
+        list_all(
+            &mut c,
+            vec![pod("a", "10.244.1.2", "n1"), pod("b", "10.244.2.2", "n2")],
+            vec![deny_all("deny")],
+        );
+        c.step(vec![msg(Kind::Nodes, WatchBody::Listed(vec![]), "10")]);
+        assert_eq!(
+            *shared.enforced.lock().unwrap(),
+            Enforced {
+                policies: 1,
+                policies_here: 1,
+                pods: 2,
+                local_addresses: (1, 0),
+                isolated_addresses: (1, 0),
+            }
+        );
+    }
 
     /// The in-memory kernel with a ruleset generation the test moves by hand.
     struct WithGeneration(Memory, Arc<std::sync::atomic::AtomicU32>);

@@ -194,12 +194,15 @@ pub fn debug_state(shared: &Shared) -> String {
             serde_json::Value::from(v.clone())
         );
     }
+    let enforced =
+        serde_json::to_string(&*shared.enforced.lock().unwrap_or_else(|e| e.into_inner()))
+            .unwrap_or_else(|_| "null".into());
     let modes = serde_json::to_string(&*shared.modes.lock().unwrap_or_else(|e| e.into_inner()))
         .unwrap_or_else(|_| "null".into());
     // The mesh's snapshot (null when the mesh is off): peers for `weft status`.
     let mesh = super::mesh::debug_json().unwrap_or_else(|| "null".into());
     format!(
-        "{{\"node\":{},\"ready\":{},\"kinds\":{{{}}},\"table\":{{\"sets\":{sets},\"elements\":{elements},\"chains\":{chains},\"rules\":{rules}}},\"object_errors\":{{{errs}}},\"modes\":{modes},\"mesh\":{mesh}}}\n",
+        "{{\"node\":{},\"ready\":{},\"kinds\":{{{}}},\"table\":{{\"sets\":{sets},\"elements\":{elements},\"chains\":{chains},\"rules\":{rules}}},\"object_errors\":{{{errs}}},\"enforced\":{enforced},\"modes\":{modes},\"mesh\":{mesh}}}\n",
         serde_json::Value::from(shared.node.clone()),
         shared.ready(WATCH_GRACE).is_ok(),
         kinds.join(",")

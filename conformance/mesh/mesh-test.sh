@@ -20,6 +20,8 @@
 #   7. node3's agent restarted with a wrong cluster secret: refused by the others (log line,
 #      weft_mesh_refused_peers, handshake failures cluster_secret_mismatch), its podCIDR
 #      unreachable from them (route type unreachable), pods cut off; node1 <-> node2 unaffected
+#   8. where the wireguard kernel module is loaded (not on this project's machines: the test
+#      says it skips): node1 switched to --wireguard kernel, encrypted traffic to node2
 #
 # Namespaces weft-mt9-*, lab dir /tmp/weft-lab-mesh; torn down on every exit. Needs root.
 set -uo pipefail
@@ -276,5 +278,20 @@ check logged
 check wait_until 10 route_type 1 3 unreachable
 check echo_fails a "$C"
 check echo_ok a "$B"
+
+# --- 8. the kernel WireGuard path, where the module exists -------------------------------------
+if [[ -d /sys/module/wireguard ]] && command -v wg >/dev/null; then
+  log "kernel WireGuard: node1's agent restarted with --wireguard kernel (weft-wg stopped)"
+  kill "$(cat "$DIR/pids/weft-wg-node1.pid")" 2>/dev/null
+  wait_until 10 bash -c "! ip -n $(node 1) link show wgweft"
+  sed -i 's/--wireguard userspace/--wireguard kernel/' "$DIR/run/node1/agent.cmd"
+  bash "$LAB" restart-agent 1 TERM 0 >/dev/null 2>&1
+  kernel_link() { in_node 1 ip -j -d link show wgweft | jq -e '.[0].linkinfo.info_kind == "wireguard"' >/dev/null; }
+  check wait_until 30 kernel_link
+  check wait_until 40 peer_is 1 2 encryption wireguard
+  check wait_until 10 echo_ok a "$B"
+else
+  echo "skip kernel WireGuard path: no wireguard module (/sys/module/wireguard) or no wg tool on this machine"
+fi
 
 finish

@@ -3,11 +3,13 @@
 //! of pod-traffic encryption ([`wg`]: configuration, and with feature `userspace-wg` the
 //! userspace device that the long-lived process `weft-wg` runs).
 //!
-//! Not here yet (issue 9): the kernel WireGuard path (this project's machines have no module),
-//! the agent wiring (Node objects → [`PeerDirectory`] and dials; [`path::PathChange`] → routes;
-//! WireGuard keys and endpoints exchanged as [`message::MeshMessage::Wireguard`]), probes, and
-//! mixed mode. The agent should depend on this crate with `default-features = false` (gotatun
-//! needs Rust 1.95 and adds a second, RustCrypto, handshake stack next to ring).
+//! The agent drives it (`src/agent/mesh.rs`): Node objects → [`PeerDirectory`] (members and
+//! their published identity keys) and dials; probes ([`message::MeshMessage::Probe`]) and
+//! reachability reports → [`path::PathTable`] → one route per peer, programmed by the
+//! dataplane; WireGuard keys and endpoints exchanged as [`message::MeshMessage::Wireguard`]
+//! (mixed mode) → the configuration `weft-wg` reloads live. The agent depends on this crate
+//! with `default-features = false` (gotatun needs Rust 1.95 and adds a second, RustCrypto,
+//! handshake stack next to ring); the kernel WireGuard path lives in the agent (`wg`).
 //!
 //! What it owns: the control protocol on its TCP port, the node's long-term Ed25519 identity
 //! (one file in the state dir), and the decisions about which path each peer's traffic takes.

@@ -426,6 +426,14 @@ impl MeshNode {
                 peer, %addr,
                 "mesh peer refused us: cluster secret mismatch (this node's mesh secret differs from the cluster's)"
             ),
+            // Not a violation: the peer's Node has not published its key yet (it does so
+            // right after it starts); its dials succeed once our watch sees the annotation.
+            CloseReason::Misbehaviour(Misbehaviour::NotAdmitted(
+                crate::cluster::Admission::NoPublishedKey(node),
+            )) => tracing::info!(
+                peer = node.as_str(), %addr,
+                "mesh peer not admitted yet: its Node publishes no identity key (yet); it will retry"
+            ),
             CloseReason::Misbehaviour(v) => {
                 m.violation(v.label());
                 tracing::warn!(peer, %addr, violation = v.label(), "mesh peer disconnected: {v}");

@@ -2,8 +2,8 @@
 //! each, TCP through the tunnel, and a capture on the underlay that must not contain the
 //! payload (while a capture on the tunnel device, as a control, does). Needs root, /dev/net/tun,
 //! `ip`, `socat` and `tcpdump` (scripts/setup.sh installs them); otherwise it says why and
-//! skips. Namespaces are `weft-mesh-t-<pid>-<tag>-{a,b}` and are always removed; nothing
-//! touches the root namespace.
+//! skips. Namespaces are `<prefix>-<pid>-<tag>-{a,b}` (prefix `$WEFT_NETNS_PREFIX`, default
+//! `weft-mesh-t`) and are always removed; nothing touches the root namespace.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -72,7 +72,14 @@ impl Lab {
     /// Namespaces a (198.18.0.1) and b (198.18.0.2) on a veth; weft-wg in each; tunnel
     /// addresses 198.19.0.1 and 198.19.0.2 on `wgweft` (MTU 1420).
     fn new(tag: &str) -> Lab {
-        let base = format!("weft-mesh-t-{}-{tag}", std::process::id());
+        Lab::with(tag, false)
+    }
+
+    /// As [`Lab::new`]; with `start_empty`, each weft-wg starts from a configuration without
+    /// peers and gets its peer by a live reload (the file rewritten), as the agent does it.
+    fn with(tag: &str, start_empty: bool) -> Lab {
+        let prefix = std::env::var("WEFT_NETNS_PREFIX").unwrap_or_else(|_| "weft-mesh-t".into());
+        let base = format!("{prefix}-{}-{tag}", std::process::id());
         let dir = std::env::temp_dir().join(&base);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
@@ -121,7 +128,15 @@ impl Lab {
             ),
         ] {
             let path = lab.dir.join(format!("{ns}.conf"));
-            std::fs::write(&path, cfg.render()).expect("config");
+            let first = if start_empty {
+                DeviceConfig {
+                    peers: Vec::new(),
+                    ..cfg.clone()
+                }
+            } else {
+                cfg.clone()
+            };
+            std::fs::write(&path, first.render()).expect("config");
             let log = std::fs::File::create(lab.dir.join(format!("{ns}.log"))).expect("log");
             let child = Command::new("ip")
                 .args(["netns", "exec", ns, WG, "run", "--config"])
@@ -141,6 +156,13 @@ impl Lab {
             });
             run(&["ip", "-n", ns, "addr", "add", tunnel, "dev", "wgweft"]);
             run(&["ip", "-n", ns, "link", "set", "wgweft", "mtu", "1420", "up"]);
+            if start_empty {
+                std::fs::write(&path, cfg.render()).expect("config");
+                let status = PathBuf::from(format!("{}.status", path.display()));
+                lab.wait_for(&format!("weft-wg in {ns} reloaded with its peer"), || {
+                    std::fs::read_to_string(&status).is_ok_and(|t| t.contains("peer = "))
+                });
+            }
         }
         lab
     }
@@ -286,6 +308,56 @@ fn tcp_crosses_the_tunnel_and_the_underlay_carries_no_plaintext() {
     assert!(
         !text.contains("198.19.0."),
         "inner addresses visible on the underlay:\n{text}"
+    );
+}
+
+#[test]
+fn a_device_started_without_peers_carries_traffic_after_a_live_reload() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let mut lab = Lab::with("reload", true);
+    let (a, b) = (lab.a.clone(), lab.b.clone());
+    let received = lab.dir.join("received");
+    let server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &b,
+            "socat",
+            "-u",
+            "TCP-LISTEN:7000,bind=198.19.0.2,reuseaddr",
+        ])
+        .arg(format!("OPEN:{},creat,trunc", received.display()))
+        .spawn()
+        .expect("socat server");
+    lab.children.push(server);
+    let server_index = lab.children.len() - 1;
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = lab.dir.join("sent");
+    std::fs::write(&sent, format!("{MARKER} after reload\n")).expect("payload");
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &a,
+        "timeout",
+        "20",
+        "socat",
+        "-u",
+        &format!("OPEN:{}", sent.display()),
+        "TCP:198.19.0.2:7000,connect-timeout=10",
+    ]);
+    let _ = lab.children[server_index].wait();
+    assert_eq!(
+        std::fs::read_to_string(&received).expect("received"),
+        format!("{MARKER} after reload\n")
+    );
+    let log = std::fs::read_to_string(lab.dir.join(format!("{a}.log"))).expect("log");
+    assert!(
+        log.contains("configuration reloaded: 1 peer(s)"),
+        "weft-wg reports the reload:\n{log}"
     );
 }
 

@@ -19,6 +19,10 @@
 //! (wrong cluster secret, a key other than the one its Node publishes) gets an `unreachable`
 //! route: its pods are cut off from this node until it authenticates.
 //!
+//! Layout: the pure route decision ([`decide_route`]) and the snapshot types first, then the
+//! loop (`Mesh`: one task owns every peer's state; its handlers share that struct, which is
+//! why this file is past 800 lines); the WireGuard device is in `mesh/wireguard.rs`.
+//!
 //! What it must not touch: nftables (the policy engine judges traffic from `wgweft` like any
 //! other forwarded traffic; `wgweft` is deliberately not a `weft…` pod interface), and links
 //! and routes (the dataplane programs what [`MeshRouting`] says).
@@ -41,11 +45,16 @@ use weft_mesh::connection::{CloseReason, Misbehaviour, SessionConfig};
 use weft_mesh::message::MeshMessage;
 use weft_mesh::net::{MeshEvent, MeshNode, NetConfig, PeerLink};
 use weft_mesh::path::{Hysteresis, Path as MeshPath, PathTable};
-use weft_mesh::wg::{DeviceConfig, DeviceStatus, PeerConfig, decode_key, encode_key};
+use weft_mesh::wg::{DeviceConfig, PeerConfig, decode_key, encode_key};
 use weft_mesh::wire::RefuseReason;
 use weft_mesh::{ClusterKeys, Context, Identity, MeshMetrics, NodeName};
 
 use super::dataplane::NodeInfo;
+
+mod wireguard;
+use wireguard::Wireguard;
+#[cfg(test)]
+use wireguard::clamp;
 
 /// Annotation on a Node: its mesh identity key (Ed25519 public key, base64).
 pub const IDENTITY_ANNOTATION: &str = "weft.dev/mesh-identity";
@@ -345,229 +354,6 @@ impl PeerState {
     fn live_link(&mut self) -> Option<&PeerLink> {
         self.links.retain(|l| !l.is_closed());
         self.links.last()
-    }
-}
-
-/// This node's WireGuard device, as the agent drives it.
-struct Wireguard {
-    backend: WireguardBackend,
-    private_key: [u8; 32],
-    config_path: PathBuf,
-    port: u16,
-    written: Option<String>,
-    public_key: Option<[u8; 32]>,
-    status: Option<DeviceStatus>,
-    problem: Option<String>,
-}
-
-fn clamp(mut k: [u8; 32]) -> [u8; 32] {
-    k[0] &= 248;
-    k[31] &= 127;
-    k[31] |= 64;
-    k
-}
-
-impl Wireguard {
-    /// Loads `dir/private.key` or creates it (0600).
-    fn open(dir: &Path, backend: WireguardBackend, port: u16) -> anyhow::Result<Wireguard> {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let key_path = dir.join("private.key");
-        let private_key = match std::fs::read_to_string(&key_path) {
-            Ok(text) => {
-                decode_key(&text).map_err(|e| anyhow::anyhow!("{}: {e}", key_path.display()))?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut k = [0u8; 32];
-                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut k)
-                    .map_err(|_| anyhow::anyhow!("no randomness for the WireGuard key"))?;
-                let k = clamp(k);
-                let tmp = dir.join(".private.key.tmp");
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)
-                    .with_context(|| format!("writing {}", tmp.display()))?;
-                std::io::Write::write_all(&mut f, format!("{}\n", encode_key(&k)).as_bytes())?;
-                f.sync_all()?;
-                std::fs::rename(&tmp, &key_path)?;
-                info!(path = %key_path.display(), "generated this node's WireGuard key");
-                k
-            }
-            Err(e) => return Err(e).with_context(|| format!("reading {}", key_path.display())),
-        };
-        Ok(Wireguard {
-            backend,
-            private_key,
-            config_path: dir.join("wgweft.conf"),
-            port,
-            written: None,
-            public_key: None,
-            status: None,
-            problem: Some("not started yet".into()),
-        })
-    }
-
-    /// Writes the configuration (if it changed) and applies it (kernel) or lets `weft-wg`
-    /// pick it up (userspace: it watches the file).
-    fn write(&mut self, cfg: &DeviceConfig) {
-        let text = format!(
-            "# written by the weft agent; weft-wg reloads it on change\n{}",
-            cfg.render()
-        );
-        if self.written.as_deref() == Some(text.as_str()) {
-            return;
-        }
-        if let Err(e) = write_private(&self.config_path, &text) {
-            error!(path = %self.config_path.display(), error = %e, "cannot write the WireGuard configuration");
-            return;
-        }
-        if self.backend == WireguardBackend::Kernel
-            && let Err(e) = kernel::apply(&self.config_path)
-        {
-            error!(error = %e, "kernel WireGuard: configuration not applied");
-            self.problem = Some(e);
-            return;
-        }
-        self.written = Some(text);
-    }
-
-    /// Refreshes readiness from the device.
-    fn refresh(&mut self) {
-        match self.backend {
-            WireguardBackend::Userspace => {
-                let path = PathBuf::from(format!("{}.status", self.config_path.display()));
-                let fresh = std::fs::metadata(&path)
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age < Duration::from_secs(10));
-                let status = std::fs::read_to_string(&path)
-                    .ok()
-                    .and_then(|t| DeviceStatus::parse(&t).ok());
-                let link = Path::new("/sys/class/net/wgweft").exists();
-                match (status, fresh, link) {
-                    (Some(st), true, true) => {
-                        self.public_key = Some(st.public_key);
-                        self.problem = None;
-                        self.status = Some(st);
-                    }
-                    (_, _, false) => {
-                        self.status = None;
-                        self.problem = Some(format!(
-                            "no wgweft device: is weft-wg running with --config {}?",
-                            self.config_path.display()
-                        ));
-                    }
-                    _ => {
-                        self.status = None;
-                        self.problem = Some(format!(
-                            "weft-wg's status ({}) is missing or older than 10 s",
-                            path.display()
-                        ));
-                    }
-                }
-            }
-            WireguardBackend::Kernel => match kernel::public_key() {
-                Ok(k) => {
-                    self.public_key = Some(k);
-                    self.problem = None;
-                }
-                Err(e) => {
-                    self.problem = Some(e);
-                    if let Err(e) = kernel::ensure_link() {
-                        self.problem = Some(e);
-                    }
-                }
-            },
-        }
-    }
-
-    fn ready(&self) -> bool {
-        self.problem.is_none() && self.public_key.is_some() && self.written.is_some()
-    }
-
-    /// Whether the device has `key` configured as a peer (kernel: whatever was applied).
-    fn has_peer(&self, key: &[u8; 32]) -> bool {
-        match self.backend {
-            WireguardBackend::Kernel => self.ready(),
-            WireguardBackend::Userspace => self
-                .status
-                .as_ref()
-                .is_some_and(|s| s.peers.iter().any(|p| &p.public_key == key)),
-        }
-    }
-
-    fn handshake_age(&self, key: &[u8; 32]) -> Option<f64> {
-        self.status
-            .as_ref()?
-            .peers
-            .iter()
-            .find(|p| &p.public_key == key)?
-            .handshake_age_ms
-            .map(|ms| ms as f64 / 1000.0)
-    }
-}
-
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("conf.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    std::io::Write::write_all(&mut f, text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
-/// The kernel module path: `wgweft` as a `wireguard` link, configured with `wg syncconf`
-/// (the configuration file is in `wg`'s own format). Runs only where the module is loaded;
-/// this project's machines have none, so it is built but not exercised by its tests.
-mod kernel {
-    use std::path::Path;
-    use std::process::Command;
-
-    use weft_mesh::wg::decode_key;
-
-    fn run(args: &[&str]) -> Result<String, String> {
-        let out = Command::new(args[0])
-            .args(&args[1..])
-            .output()
-            .map_err(|e| format!("{}: {e}", args[0]))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "{}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    }
-
-    /// Creates `wgweft` (type wireguard) if it does not exist.
-    pub fn ensure_link() -> Result<(), String> {
-        if Path::new("/sys/class/net/wgweft").exists() {
-            return Ok(());
-        }
-        run(&["ip", "link", "add", "wgweft", "type", "wireguard"]).map(|_| ())
-    }
-
-    /// Applies the configuration file.
-    pub fn apply(path: &Path) -> Result<(), String> {
-        ensure_link()?;
-        let path = path.display().to_string();
-        run(&["wg", "syncconf", "wgweft", &path]).map(|_| ())
-    }
-
-    /// The device's public key.
-    pub fn public_key() -> Result<[u8; 32], String> {
-        decode_key(&run(&["wg", "show", "wgweft", "public-key"])?)
     }
 }
 

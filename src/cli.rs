@@ -79,7 +79,7 @@ pub fn version(json: bool) -> ExitCode {
             })
         );
     } else {
-        println!("weft {}", crate::VERSION);
+        println!("weft {}", crate::VERSION.as_str());
     }
     ExitCode::SUCCESS
 }

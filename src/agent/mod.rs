@@ -94,7 +94,7 @@ async fn client(cfg: &AgentConfig) -> anyhow::Result<Client> {
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    info!(node = %cfg.node, version = crate::VERSION, "weft agent starting");
+    info!(node = %cfg.node, version = crate::VERSION.as_str(), "weft agent starting");
     let client = client(&cfg).await?;
     let metrics = Arc::new(Metrics::default());
     let shared = Arc::new(Shared::new(&cfg.node, metrics.clone()));

@@ -422,11 +422,19 @@ pub mod userspace {
                 .build()
                 .await
                 .map_err(|e| DeviceError::Device(e.to_string()))?;
-            Ok(Running {
+            let running = Running {
                 device,
                 current: cfg.clone(),
                 suspended: cfg.peers.is_empty(),
-            })
+            };
+            let all: Vec<[u8; 32]> = cfg
+                .peers
+                .iter()
+                .filter(|p| p.endpoint.is_some())
+                .map(|p| p.public_key)
+                .collect();
+            running.initiate(&all).await;
+            Ok(running)
         }
 
         /// Applies a new configuration live: peers gone are removed, new or changed peers
@@ -440,6 +448,7 @@ pub mod userspace {
                 .collect::<Result<Vec<_>, _>>()?;
             let wanted: std::collections::BTreeSet<[u8; 32]> =
                 cfg.peers.iter().map(|p| p.public_key).collect();
+            let old_peers = self.current.peers.clone();
             let old = &self.current;
             let gone: Vec<[u8; 32]> = old
                 .peers
@@ -479,8 +488,30 @@ pub mod userspace {
                     .map_err(|e| DeviceError::Device(e.to_string()))?;
                 self.suspended = false;
             }
+            // Start the handshake with every new or changed peer now rather than at its first
+            // packet: the agent routes pods over the tunnel only to peers with a completed
+            // handshake (proof that both ends have each other configured).
+            let fresh: Vec<[u8; 32]> = cfg
+                .peers
+                .iter()
+                .filter(|p| p.endpoint.is_some() && !old_peers.contains(p))
+                .map(|p| p.public_key)
+                .collect();
             self.current = cfg.clone();
+            self.initiate(&fresh).await;
             Ok(n)
+        }
+
+        /// Sends a handshake initiation to each of `peers` (without waiting for the answer:
+        /// the device's own tasks complete it).
+        async fn initiate(&self, peers: &[[u8; 32]]) {
+            for k in peers {
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_millis(20),
+                    self.device.force_handshake(&PublicKey::from(*k)),
+                )
+                .await;
+            }
         }
 
         /// The device's status (for the status file).

@@ -158,6 +158,9 @@ pub struct MeshSnapshot {
     pub encryption: EncryptionSnapshot,
     /// One entry per peer node.
     pub peers: Vec<PeerSnapshot>,
+    /// Why the mesh is not running, if it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// This node's WireGuard side.
@@ -357,14 +360,52 @@ impl PeerState {
     }
 }
 
-/// Starts the mesh: loads the secret and the identity (errors here stop the agent with a
-/// clear message), listens, and runs the loop in the background. Returns the routing the
-/// dataplane must follow.
+/// Starts the mesh in the background and returns the routing the dataplane must follow. If
+/// it cannot start (no secret, an unreadable identity, the port taken), that is logged as an
+/// error, shown in `/debug/mesh`, and retried every 30 s: policy enforcement and the plain
+/// overlay go on meanwhile (nothing is encrypted, no peer is refused).
 pub async fn start(
     cfg: MeshConfig,
     client: kube::Client,
     nodes: watch::Receiver<Vec<NodeInfo>>,
 ) -> anyhow::Result<watch::Receiver<MeshRouting>> {
+    let shared = Arc::new(MeshShared::default());
+    let _ = SHARED.set(shared.clone());
+    // The encryption intent is known now: the dataplane sizes pod MTUs by it.
+    let (routing_tx, routing_rx) = watch::channel(MeshRouting {
+        routes: BTreeMap::new(),
+        encryption: cfg.encryption,
+    });
+    tokio::spawn(async move {
+        loop {
+            match bring_up(&cfg, client.clone(), &shared, &routing_tx).await {
+                Ok((mesh, events)) => {
+                    mesh.run(nodes, events).await;
+                    return;
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    error!(error = %why, "mesh not started: pods on other nodes are reached over plain VXLAN and nothing is encrypted; retrying in 30 s");
+                    shared
+                        .snapshot
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .problem = Some(why);
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+            }
+        }
+    });
+    Ok(routing_rx)
+}
+
+/// Loads the secret and the identity, listens: the mesh's loop, ready to run.
+async fn bring_up(
+    cfg: &MeshConfig,
+    client: kube::Client,
+    shared: &Arc<MeshShared>,
+    routing: &watch::Sender<MeshRouting>,
+) -> anyhow::Result<(Mesh, mpsc::Receiver<MeshEvent>)> {
     let cluster = cfg.secret.load()?;
     let identity = Identity::load_or_generate(&cfg.state_dir, &ring::rand::SystemRandom::new())
         .context("mesh: this node's identity key")?;
@@ -377,7 +418,6 @@ pub async fn start(
     };
     let ctx = Context::new(me.clone(), identity, cluster, session);
     ctx.peers.require_published_keys(true);
-    let shared = Arc::new(MeshShared::default());
     let (node, events) = MeshNode::new(ctx, NetConfig::default(), shared.metrics.clone());
     let bind = SocketAddr::new(
         cfg.listen_ip
@@ -396,15 +436,10 @@ pub async fn start(
     } else {
         None
     };
-    let _ = SHARED.set(shared.clone());
     let (shutdown_tx, shutdown) = watch::channel(false);
     tokio::spawn(node.clone().serve(listener, shutdown.clone()));
     let identity_b64 = encode_key(&node.context().identity.public_key());
     info!(%bind, identity = %identity_b64, encryption = cfg.encryption, backend = ?wireguard.as_ref().map(|w| w.backend), "mesh listening");
-    let (routing_tx, routing_rx) = watch::channel(MeshRouting {
-        routes: BTreeMap::new(),
-        encryption: cfg.encryption,
-    });
     let mesh = Mesh {
         table: PathTable::new(me.clone(), Hysteresis::default()),
         me,
@@ -414,17 +449,16 @@ pub async fn start(
         members: BTreeMap::new(),
         peers: BTreeMap::new(),
         node,
-        shared,
+        shared: shared.clone(),
         wireguard,
         advertised: None,
         last_advert: Instant::now(),
-        routing: routing_tx,
+        routing: routing.clone(),
         client,
-        cfg,
+        cfg: cfg.clone(),
         _shutdown: shutdown_tx,
     };
-    tokio::spawn(mesh.run(nodes, events));
-    Ok(routing_rx)
+    Ok((mesh, events))
 }
 
 /// The loop's state (one task owns it: no locks on the hot path).
@@ -781,7 +815,7 @@ impl Mesh {
     }
 
     /// Whether this node sends to `peer` over WireGuard (mixed mode: both ready, and the
-    /// device has it configured).
+    /// device has completed a handshake with it).
     fn wg_ready(&self, peer: &str) -> bool {
         let Some(wg) = &self.wireguard else {
             return false;
@@ -790,7 +824,7 @@ impl Mesh {
             return false;
         };
         let Some(adv) = st.wg else { return false };
-        wg.ready() && adv.ready && st.refused.is_none() && wg.has_peer(&adv.public_key)
+        wg.ready() && adv.ready && st.refused.is_none() && wg.peer_ready(&adv.public_key)
     }
 
     fn routes(&self) -> BTreeMap<String, PeerRoute> {
@@ -850,7 +884,8 @@ impl Mesh {
                 public_key: adv.public_key,
                 endpoint: Some(SocketAddr::new(m.addr, adv.port)),
                 allowed_ips: ips.iter().map(|n| (n.addr(), n.prefix_len())).collect(),
-                persistent_keepalive: None,
+                // Keeps a session (and a fresh handshake age) with every peer while idle.
+                persistent_keepalive: Some(25),
             });
         }
         Some(DeviceConfig {
@@ -974,6 +1009,7 @@ impl Mesh {
                 problem: wg.and_then(|w| w.problem.clone()),
             },
             peers,
+            problem: None,
         }
     }
 }

@@ -157,14 +157,17 @@ impl Wireguard {
         self.problem.is_none() && self.public_key.is_some() && self.written.is_some()
     }
 
-    /// Whether the device has `key` configured as a peer (kernel: whatever was applied).
-    pub(super) fn has_peer(&self, key: &[u8; 32]) -> bool {
+    /// Whether pods may be routed to the peer with `key` over the tunnel: the device has it
+    /// and has completed a handshake with it (so the peer has us configured too; weft-wg
+    /// starts handshakes as soon as it gets a peer). Kernel path: whatever was applied.
+    pub(super) fn peer_ready(&self, key: &[u8; 32]) -> bool {
         match self.backend {
             WireguardBackend::Kernel => self.ready(),
-            WireguardBackend::Userspace => self
-                .status
-                .as_ref()
-                .is_some_and(|s| s.peers.iter().any(|p| &p.public_key == key)),
+            WireguardBackend::Userspace => self.status.as_ref().is_some_and(|s| {
+                s.peers
+                    .iter()
+                    .any(|p| &p.public_key == key && p.handshake_age_ms.is_some())
+            }),
         }
     }
 

@@ -134,6 +134,8 @@ log "waiting for every node to authenticate and encrypt to every other"
 check wait_until 90 all_encrypted
 identity_published() { [[ $(kc get node "$(node 1)" -o json | jq -r '.metadata.annotations["weft.dev/mesh-identity"]') == $(mesh 1 | jq -r .identity) ]]; }
 check identity_published
+connections_metric() { (($(metrics 1 | awk '$1 == "weft_mesh_connections{state=\"established\"}" {print $2}') >= 2)); }
+check connections_metric
 for j in 2 3; do check route_dev 1 "$j" wgweft; done
 check route_dev 3 1 wgweft
 wg_device_up() { in_node 2 ip -j link show wgweft | jq -e '.[0].mtu == 1440 and (.[0].flags | index("UP"))' >/dev/null; }
@@ -271,6 +273,8 @@ check wait_until 40 peer_is 1 3 state refused
 check wait_until 20 peer_is 2 3 state refused
 refused_metric() { [[ $(metrics 1 | awk '$1 == "weft_mesh_refused_peers" {print $2}') == 1 ]]; }
 check refused_metric
+terminations_metric() { metrics 1 | awk '$1 ~ /^weft_mesh_connection_terminations_total\{reason="/ {n += $2} END {exit !(n >= 1)}'; }
+check terminations_metric
 secret_failures() { metrics 1 | awk '$1 ~ /^weft_mesh_handshake_failures_total\{reason="(cluster_secret_mismatch|refused_cluster_secret)"\}$/ {n += $2} END {exit !(n >= 1)}'; }
 check secret_failures
 logged() { grep -q "cluster secret mismatch" "$DIR/logs/agent-node1.log"; }

@@ -113,20 +113,9 @@ impl MeshMetrics {
             g(&self.handshaking),
             g(&self.established)
         );
-        let _ = writeln!(
-            out,
-            "# HELP weft_mesh_connection_terminations_total Established control connections that ended.\n\
-             # TYPE weft_mesh_connection_terminations_total counter\n\
-             weft_mesh_connection_terminations_total {}",
-            self.terminations
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .sum::<u64>()
-        );
         render_map(
             &mut out,
-            "weft_mesh_connection_terminations_by_reason_total",
+            "weft_mesh_connection_terminations_total",
             "Established control connections that ended, by reason.",
             "reason",
             &self.terminations,
@@ -188,8 +177,8 @@ mod tests {
         for line in [
             "weft_mesh_connections{state=\"established\"} 2",
             "weft_mesh_connections{state=\"handshaking\"} 0",
-            "weft_mesh_connection_terminations_total 2",
-            "weft_mesh_connection_terminations_by_reason_total{reason=\"bad_mac\"} 1",
+            "weft_mesh_connection_terminations_total{reason=\"bad_mac\"} 1",
+            "weft_mesh_connection_terminations_total{reason=\"peer_closed\"} 1",
             "weft_mesh_handshake_failures_total{reason=\"cluster_secret_mismatch\"} 1",
             "weft_mesh_protocol_violations_total{violation=\"oversize\"} 1",
             "weft_mesh_relayed_peers 1",

@@ -12,8 +12,8 @@
 #   4. a fake peer sending a malformed frame and an oversized length prefix to the mesh port is
 #      disconnected and counted (weft_mesh_protocol_violations_total); the node is unaffected
 #   5. node1 <-> node3 blocked on the underlay (nft in node1's namespace): both switch to the
-#      relay through node2 (/debug/mesh, WireGuard AllowedIPs), pods still reach each other;
-#      unblocked: direct again
+#      relay through node2 (/debug/mesh, WireGuard AllowedIPs), pods still reach each other,
+#      every other pair stays direct; unblocked: direct again
 #   6. mixed mode: node3's agent restarted with --encryption off: the others route it over
 #      vxweft, the rest stays on wgweft, traffic flows both ways; blocked again, node3's route
 #      to node1 goes via node2's tunnel address (ip -j route), unblocked: direct again
@@ -127,7 +127,7 @@ all_encrypted() {
   local i j
   for i in 1 2 3; do for j in 1 2 3; do
     [[ $i == "$j" ]] && continue
-    peer_is "$i" "$j" state established && peer_is "$i" "$j" encryption wireguard || return 1
+    peer_is "$i" "$j" state established && peer_is "$i" "$j" encryption wireguard && peer_is "$i" "$j" path direct || return 1
   done; done
 }
 log "waiting for every node to authenticate and encrypt to every other"
@@ -232,6 +232,11 @@ check wait_until 30 peer_is 1 3 path "via $(node 2)"
 check wait_until 30 peer_is 3 1 path "via $(node 2)"
 relayed_metric() { [[ $(metrics 1 | awk '$1 == "weft_mesh_relayed_peers" {print $2}') == 1 ]]; }
 check relayed_metric
+# Per peer only: the paths that do not involve the blocked pair stay direct.
+check peer_is 1 2 path direct
+check peer_is 2 1 path direct
+check peer_is 2 3 path direct
+check peer_is 3 2 path direct
 # node1's WireGuard peer node2 now carries node3's podCIDR.
 allowed_via_node2() {
   local key2; key2=$(mesh 2 | jq -r .encryption.public_key)

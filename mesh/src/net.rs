@@ -438,6 +438,11 @@ impl MeshNode {
                 m.violation(v.label());
                 tracing::warn!(peer, %addr, violation = v.label(), "mesh peer disconnected: {v}");
             }
+            // Usually transient: the peer has not seen our Node's published key yet.
+            CloseReason::Refused(RefuseReason::UnknownPeer) => tracing::info!(
+                peer, %addr,
+                "mesh peer does not admit us yet (it may not have seen our Node's identity key); retrying"
+            ),
             CloseReason::Refused(r) => tracing::warn!(peer, %addr, "mesh peer refused us: {r}"),
             other => {
                 tracing::info!(peer, %addr, reason = other.label(), "mesh connection ended: {other}")

@@ -9,6 +9,9 @@
 //! else                                                   → Unreachable
 //! ```
 //!
+//! A direct path counts as up only if our probes say so *and* the peer does not report its
+//! direct path to us down, so both ends of a broken path relay (symmetry matters for
+//! WireGuard, which drops a relayed packet unless the receiver also relays the other way).
 //! B's report is B's own hysteresis-filtered view of its *direct* paths, learned over the
 //! control connection ([`crate::message::MeshMessage::Reachability`]), so relays are one hop.
 //! State is per peer: a probe result for B changes only B's path and the paths that relay (or
@@ -119,6 +122,8 @@ pub struct PathTable {
     links: BTreeMap<NodeName, LinkHealth>,
     /// Reporter B → (C → B's direct path to C is up).
     reports: BTreeMap<NodeName, BTreeMap<NodeName, bool>>,
+    /// Reporter B → B's direct path to *us* is up (B's own probes of us).
+    seen_by: BTreeMap<NodeName, bool>,
     paths: BTreeMap<NodeName, Path>,
 }
 
@@ -130,6 +135,7 @@ impl PathTable {
             hysteresis,
             links: BTreeMap::new(),
             reports: BTreeMap::new(),
+            seen_by: BTreeMap::new(),
             paths: BTreeMap::new(),
         }
     }
@@ -144,6 +150,7 @@ impl PathTable {
             .collect();
         self.links.retain(|p, _| wanted.contains_key(p));
         self.reports.retain(|p, _| wanted.contains_key(p));
+        self.seen_by.retain(|p, _| wanted.contains_key(p));
         self.paths.retain(|p, _| wanted.contains_key(p));
         for p in wanted.keys() {
             if !self.links.contains_key(p) {
@@ -176,12 +183,17 @@ impl PathTable {
             .cloned()
             .collect();
         self.reports.insert(from.clone(), r);
+        match reach.iter().find(|(c, _)| *c == self.me) {
+            Some((_, up)) => self.seen_by.insert(from.clone(), *up),
+            None => self.seen_by.remove(from),
+        };
         self.recompute()
     }
 
     /// Drops `from`'s report (its control connection ended: the report may be stale).
     pub fn forget_report(&mut self, from: &NodeName) -> Vec<PathChange> {
-        if self.reports.remove(from).is_some() {
+        let had_seen = self.seen_by.remove(from).is_some();
+        if self.reports.remove(from).is_some() || had_seen {
             self.recompute()
         } else {
             Vec::new()
@@ -209,8 +221,11 @@ impl PathTable {
             .collect()
     }
 
+    /// Our direct path to `p` is usable: our probes say up, and `p` does not report its
+    /// path to us down. Both ends thus leave a path together, so relays are symmetric (a
+    /// WireGuard peer accepts a relayed packet only if it relays the other way too).
     fn link_up(&self, p: &NodeName) -> bool {
-        self.links.get(p).is_some_and(LinkHealth::is_up)
+        self.links.get(p).is_some_and(LinkHealth::is_up) && self.seen_by.get(p) != Some(&false)
     }
 
     fn can_relay(&self, via: &NodeName, target: &NodeName) -> bool {
@@ -518,6 +533,29 @@ mod tests {
         assert_eq!(
             t.my_report(),
             vec![(n("c"), false), (n("d"), true), (n("e"), true)]
+        );
+    }
+
+    #[test]
+    fn a_peer_that_reports_us_down_is_relayed_even_while_our_probes_succeed() {
+        let mut t = table();
+        apply(&mut t, &Report("b", &[("c", true), ("a", true)]));
+        assert_eq!(t.path(&n("c")), Some(&Path::Direct));
+        let changes = apply(&mut t, &Report("c", &[("a", false), ("b", true)]));
+        assert_eq!(t.path(&n("c")), Some(&relay("b")), "{changes:?}");
+        assert_eq!(
+            t.my_report().iter().find(|(p, _)| *p == n("c")),
+            Some(&(n("c"), true)),
+            "our own report stays our probes' view (no lock-step of two down reports)"
+        );
+        apply(&mut t, &Report("c", &[("a", true), ("b", true)]));
+        assert_eq!(t.path(&n("c")), Some(&Path::Direct));
+        apply(&mut t, &Report("c", &[("a", false)]));
+        apply(&mut t, &Forget("c"));
+        assert_eq!(
+            t.path(&n("c")),
+            Some(&Path::Direct),
+            "a stale report is forgotten"
         );
     }
 }

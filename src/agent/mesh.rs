@@ -60,6 +60,8 @@ use wireguard::clamp;
 pub const IDENTITY_ANNOTATION: &str = "weft.dev/mesh-identity";
 /// Default TCP port of the control connections.
 pub const DEFAULT_PORT: u16 = weft_mesh::net::DEFAULT_PORT;
+/// How long after the mesh starts a peer that was never reached counts as not probed yet.
+const STARTUP_GRACE: Duration = Duration::from_secs(15);
 /// Default WireGuard UDP port.
 pub const DEFAULT_WG_PORT: u16 = weft_mesh::wg::DEFAULT_LISTEN_PORT;
 
@@ -453,6 +455,7 @@ async fn bring_up(
         wireguard,
         advertised: None,
         last_advert: Instant::now(),
+        started: Instant::now(),
         routing: routing.clone(),
         client,
         cfg: cfg.clone(),
@@ -476,6 +479,7 @@ struct Mesh {
     wireguard: Option<Wireguard>,
     advertised: Option<WgAdvert>,
     last_advert: Instant,
+    started: Instant,
     routing: watch::Sender<MeshRouting>,
     client: kube::Client,
     _shutdown: watch::Sender<bool>,
@@ -757,7 +761,10 @@ impl Mesh {
             // The previous probe answered within the interval, over a live connection (a
             // connection that has not probed yet is no observation).
             let live = st.live_link().is_some();
-            if !live || st.sent_seq > 0 {
+            // A peer never reached yet, in the mesh's first seconds, is no observation either
+            // (every agent starts at its own time: no relay detours at start-up).
+            let starting = st.last_up.is_none() && self.started.elapsed() < STARTUP_GRACE;
+            if (!live && !starting) || (live && st.sent_seq > 0) {
                 probes.push((name.clone(), live && st.acked_seq == st.sent_seq));
             }
             if let Some(l) = st.live_link().cloned() {

@@ -272,6 +272,9 @@ impl MeshNode {
         addr: SocketAddr,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        // A peer that stays unreachable is logged once a minute, not at every attempt.
+        let mut failing_since: Option<Instant> = None;
+        let mut last_logged: Option<Instant> = None;
         loop {
             let attempt = async {
                 self.dials
@@ -279,9 +282,21 @@ impl MeshNode {
                     .await;
                 match self.dial_now(peer.clone(), addr).await {
                     Ok(task) => {
+                        if let Some(t) = failing_since.take() {
+                            tracing::info!(peer = %peer, %addr, failing_s = t.elapsed().as_secs(), "mesh dial succeeded again");
+                        }
+                        last_logged = None;
                         let _ = task.await;
                     }
-                    Err(e) => tracing::info!(error = %e, "mesh dial failed"),
+                    Err(e) => {
+                        let since = *failing_since.get_or_insert_with(Instant::now);
+                        if last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                            tracing::info!(error = %e, failing_s = since.elapsed().as_secs(), "mesh dial failed; retrying (logged once a minute while it fails)");
+                            last_logged = Some(Instant::now());
+                        } else {
+                            tracing::debug!(error = %e, "mesh dial failed");
+                        }
+                    }
                 }
             };
             tokio::select! {

@@ -7,6 +7,8 @@
 #            mesh/tests/wg_netns.rs bare_tunnel_throughput_median_of_5)
 #   weft-wg  pod -> pod across nodes on the lab with encryption on (weft's encrypted path:
 #            veth, forward hook with the policy engine, wgweft, weft-wg, underlay)
+#   node     node 1 -> node 2's tunnel address over the same wgweft (no pod veths, no
+#            forward hook): the forwarding path's share of the gap
 #   vxlan    the same pods after both nodes' agents restarted with --encryption off (plain
 #            VXLAN, the mixed-mode fallback)
 #   handshake  mean control-connection handshake time, per node, from the agents' own
@@ -103,6 +105,18 @@ throughput() { # -> "median run1 ... (Mbit/s)"
 log "pod -> pod across nodes, encrypted"
 read -r ENC RUNS_ENC <<<"$(throughput)"
 report "weft-wg[pod -> pod across nodes, encrypted]: median $ENC Mbit/s (runs: $RUNS_ENC)"
+# The same tunnel between the nodes themselves (no pod veths, no forward hook): what the
+# forwarding path costs on top of the tunnel.
+T2=$(kc get node "$(node 2)" -o json | jq -r '.spec.podCIDRs[] | select(contains("."))' | sed 's|\.0/.*|.1|')
+in_node 2 setsid iperf3 -s -B "$T2" -p 5202 >/dev/null 2>&1 </dev/null &
+BG+=($!)
+sleep 0.5
+node_runs=""
+for ((r = 1; r <= RUNS; r++)); do
+  node_runs+="$(in_node 1 iperf3 -c "$T2" -p 5202 -t "$SECS" --connect-timeout 3000 -J | jq -r '.end.sum_received.bits_per_second / 1e6 | floor') "
+  sleep 0.5
+done
+report "weft-wg[node -> node over wgweft, no forwarding]: median $(tr ' ' '\n' <<<"$node_runs" | grep . | median) Mbit/s (runs: $node_runs)"
 hs() { in_node "$1" curl -sf "http://$(node_ip "$1"):6784/metrics" | awk '/^weft_mesh_handshake_duration_seconds_sum/ {s=$2} /^weft_mesh_handshake_duration_seconds_count/ {c=$2} END {printf "%.2f %d", (c ? s / c * 1000 : 0), c}'; }
 for i in 1 2 3; do
   read -r ms n <<<"$(hs "$i")"

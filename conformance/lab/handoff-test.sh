@@ -295,6 +295,8 @@ build_next() { # -> path of the schema-next weft binary, cached by the sources' 
     fi
     # the lab's agent runs from an "image" directory holding weft and weft-cni
     cp "$(dirname "$W")/weft-cni" "$NEXT_CACHE/bin/$key/weft-cni" || exit 1
+    # only the current tree's binaries are kept (≈300 MB each)
+    find "$NEXT_CACHE/bin" -mindepth 1 -maxdepth 1 -type d ! -name "$key" -exec rm -rf {} +
     echo "$NEXT_CACHE/bin/$key/weft"
   ) 9>"$NEXT_CACHE/lock"
 }

@@ -62,6 +62,17 @@ pub const IDENTITY_ANNOTATION: &str = "weft.dev/mesh-identity";
 pub const DEFAULT_PORT: u16 = weft_mesh::net::DEFAULT_PORT;
 /// How long after the mesh starts a peer that was never reached counts as not probed yet.
 const STARTUP_GRACE: Duration = Duration::from_secs(15);
+/// How long a peer whose control connection *closed* (its agent exited: kill, upgrade,
+/// rolling restart) keeps its last path, report and WireGuard advertisement. Its host, its
+/// weft-wg and its routes outlive the agent, so a closed connection says nothing about the
+/// data path: rerouting would only break the flows the restart must not touch (issue 8). A
+/// peer that is not back within this time is judged by probes again (then relayed or down,
+/// with hysteresis). A path that fails while the connection stays open (underlay loss)
+/// is judged at once: its probes go unanswered.
+const RESTART_GRACE: Duration = Duration::from_secs(10);
+/// How long a reconnected peer's last WireGuard advertisement stands without a new one (a
+/// peer with encryption on re-advertises in its first messages).
+const ADVERT_WAIT: Duration = Duration::from_secs(3);
 /// Default WireGuard UDP port.
 pub const DEFAULT_WG_PORT: u16 = weft_mesh::wg::DEFAULT_LISTEN_PORT;
 
@@ -351,6 +362,11 @@ struct PeerState {
     acked_seq: u64,
     rtt: Option<Duration>,
     wg: Option<WgAdvert>,
+    /// When its last connection closed (its agent gone); cleared once it is back or judged.
+    closed_at: Option<Instant>,
+    /// Reconnected after a full disconnect: its old advertisement stands until it advertises
+    /// again (at once, when its encryption is on) or this deadline passes (it is off).
+    advert_due: Option<Instant>,
     dialer: Option<watch::Sender<bool>>,
     dial_addr: Option<SocketAddr>,
 }
@@ -641,12 +657,16 @@ impl Mesh {
                     info!(peer = %name, was = why, "mesh: peer authenticated again; its pods are reachable");
                 }
                 st.last_up = Some(Instant::now());
+                st.closed_at = None;
                 if st.live_link().is_none() {
-                    // Fully disconnected before: the peer may have restarted with other
-                    // settings (encryption off): it re-advertises on this connection.
-                    st.wg = None;
+                    // Fully disconnected before: it re-advertises on this connection (a
+                    // restart with encryption off replaces the advertisement); until then
+                    // its last advertisement stands, as its weft-wg kept running.
                     st.sent_seq = 0;
                     st.acked_seq = 0;
+                    if st.wg.is_some() {
+                        st.advert_due = Some(Instant::now() + ADVERT_WAIT);
+                    }
                 }
                 st.links.push(link.clone());
                 let mut first = vec![MeshMessage::Reachability(self.table.my_report()).encode()];
@@ -679,7 +699,11 @@ impl Mesh {
                     error!(peer = %name, %addr, reason = why, "mesh: peer refused; its pods are unreachable from this node until it authenticates (check the weft-mesh secret on that node)");
                     st.refused = Some(why);
                 }
-                if st.links.is_empty() {
+                if st.links.is_empty() && st.refused.is_none() {
+                    // Its report and path stand for RESTART_GRACE (on_tick forgets them).
+                    info!(peer = %name, grace_seconds = RESTART_GRACE.as_secs(), "mesh: peer's control connection closed (agent restarting?): its routes stay as they are meanwhile");
+                    st.closed_at.get_or_insert_with(Instant::now);
+                } else if st.links.is_empty() {
                     for c in self.table.forget_report(&name) {
                         info!(peer = %c.peer, from = ?c.from, to = ?c.to, "mesh: path changed");
                     }
@@ -745,6 +769,7 @@ impl Mesh {
                     port,
                     ready,
                 };
+                st.advert_due = None; // advertised again (same or new)
                 if st.wg != Some(adv) {
                     info!(%peer, ready, port, key = %encode_key(&public_key), "mesh: peer's WireGuard side");
                     st.wg = Some(adv);
@@ -757,6 +782,7 @@ impl Mesh {
     fn on_tick(&mut self) {
         let now = Instant::now();
         let mut probes = Vec::new();
+        let mut expired = Vec::new();
         for (name, st) in &mut self.peers {
             // The previous probe answered within the interval, over a live connection (a
             // connection that has not probed yet is no observation).
@@ -764,13 +790,36 @@ impl Mesh {
             // A peer never reached yet, in the mesh's first seconds, is no observation either
             // (every agent starts at its own time: no relay detours at start-up).
             let starting = st.last_up.is_none() && self.started.elapsed() < STARTUP_GRACE;
-            if (!live && !starting) || (live && st.sent_seq > 0) {
+            // A peer whose agent is restarting is no observation either, for a while.
+            let restarting = !live && st.closed_at.is_some_and(|t| t.elapsed() < RESTART_GRACE);
+            if !live && !restarting && st.closed_at.take().is_some() {
+                expired.push(name.clone());
+            }
+            if (!live && !starting && !restarting) || (live && st.sent_seq > 0) {
                 probes.push((name.clone(), live && st.acked_seq == st.sent_seq));
             }
             if let Some(l) = st.live_link().cloned() {
                 st.sent_seq += 1;
                 st.sent_at = Some(now);
                 l.try_send(MeshMessage::Probe(st.sent_seq).encode());
+            }
+        }
+        let mut advert_gone = false;
+        for (name, st) in &mut self.peers {
+            if st.advert_due.is_some_and(|t| now >= t) {
+                info!(peer = %name, "mesh: peer back without WireGuard: its pods go over plain VXLAN");
+                st.advert_due = None;
+                st.wg = None;
+                advert_gone = true;
+            }
+        }
+        if advert_gone {
+            self.update();
+        }
+        for name in expired {
+            warn!(peer = %name, grace_seconds = RESTART_GRACE.as_secs(), "mesh: peer not back within the restart grace: judging its path by probes again");
+            for c in self.table.forget_report(&name) {
+                info!(peer = %c.peer, from = ?c.from, to = ?c.to, "mesh: path changed");
             }
         }
         for (name, ok) in probes {

@@ -25,9 +25,7 @@ use std::time::Instant;
 
 use tracing::{info, warn};
 use weft_netpol::compile::{DropLog, MarkLayout, Observability};
-use weft_netpol::eval::{self, Connection};
 use weft_netpol::model::Cluster;
-use weft_netpol::ruleset::Protocol;
 use weft_nft::conntrack::{self, Conntrack, Entry};
 
 /// The agent's flags for conntrack marks, strict mode and the drop log.
@@ -129,21 +127,10 @@ pub fn node_addresses() -> BTreeSet<IpAddr> {
     out
 }
 
-/// Whether this node's policies still admit a conntrack entry; `None`: not for strict mode to
-/// judge (another protocol, the node's own traffic).
+/// Whether this node's policies still admit a conntrack entry (weft-nft's strict-mode judge);
+/// `None`: not for strict mode to judge (another protocol, the node's own traffic).
 pub fn judge(cluster: &Cluster, node: &str, own: &BTreeSet<IpAddr>, e: &Entry) -> Option<bool> {
-    let (src, dst, proto, port) = e.judged();
-    let protocol = Protocol::from_number(proto)?;
-    if own.contains(&src) || own.contains(&dst) {
-        return None;
-    }
-    let conn = Connection {
-        src,
-        dst,
-        protocol,
-        port: port?,
-    };
-    Some(eval::node_admits(cluster, node, &conn))
+    conntrack::node_admits_entry(cluster, node, own, e)
 }
 
 /// Strict mode: one purge pass after each reconcile that changed the kernel.

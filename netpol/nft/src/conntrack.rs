@@ -257,6 +257,29 @@ pub struct Purge {
     pub gone: usize,
 }
 
+/// Strict mode's judge: whether `node`'s policies in `cluster` still admit the connection of
+/// `e`; `None` when it is not for strict mode to judge (a protocol without ports, or traffic
+/// of the node's own addresses `own`: kubelet probes and the like are always allowed).
+pub fn node_admits_entry(
+    cluster: &weft_netpol::model::Cluster,
+    node: &str,
+    own: &std::collections::BTreeSet<IpAddr>,
+    e: &Entry,
+) -> Option<bool> {
+    let (src, dst, proto, port) = e.judged();
+    let protocol = weft_netpol::ruleset::Protocol::from_number(proto)?;
+    if own.contains(&src) || own.contains(&dst) {
+        return None;
+    }
+    let conn = weft_netpol::eval::Connection {
+        src,
+        dst,
+        protocol,
+        port: port?,
+    };
+    Some(weft_netpol::eval::node_admits(cluster, node, &conn))
+}
+
 /// Deletes, one by one, every entry `judge` says is no longer admitted (`Some(false)`);
 /// `None` means "not for us to judge" (another protocol, the node's own traffic, …).
 /// Targeted: never a flush; each delete names the entry's tuple and kernel id.

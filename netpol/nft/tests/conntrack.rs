@@ -35,7 +35,6 @@ use common::Netns;
 use lab::{Lab, StopOnDrop};
 use weft_netpol::compile::{self, DropLog, MarkLayout, Observability};
 use weft_netpol::engine::{Change, Engine};
-use weft_netpol::eval::{self, Connection};
 use weft_netpol::model::{
     Cluster, Direction, Namespace, NamespaceScope, ObjectKey, Peer, Pod, PodSelection, Policy,
     PolicyRule, PortSpec,
@@ -255,23 +254,10 @@ fn rule_id(rs: &Ruleset, prefix: &str) -> (u32, String) {
     found[0].clone()
 }
 
-/// The strict-mode judge, as the agent builds it: TCP/UDP/SCTP entries between addresses that
-/// are not the node's own, judged by what this node enforces.
+/// The strict-mode judge the agent uses (`weft_nft::conntrack::node_admits_entry`).
 fn strict_judge(cluster: Cluster, node_addrs: Vec<IpAddr>) -> impl Fn(&Entry) -> Option<bool> {
-    move |e: &Entry| {
-        let (src, dst, proto, port) = e.judged();
-        let protocol = Protocol::from_number(proto)?;
-        if node_addrs.contains(&src) || node_addrs.contains(&dst) {
-            return None;
-        }
-        let conn = Connection {
-            src,
-            dst,
-            protocol,
-            port: port?,
-        };
-        Some(eval::node_admits(&cluster, NODE, &conn))
-    }
+    let own: std::collections::BTreeSet<IpAddr> = node_addrs.into_iter().collect();
+    move |e: &Entry| weft_nft::conntrack::node_admits_entry(&cluster, NODE, &own, e)
 }
 
 #[test]

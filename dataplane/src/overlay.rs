@@ -354,18 +354,7 @@ impl Overlay {
             .execute()
             .await
             .map_err(nl_err("set vxweft MAC, MTU, up"))?;
-        for cidr in config.pod_cidrs.to_list() {
-            let ip = tunnel_address(cidr);
-            let len = if ip.is_ipv4() { 32 } else { 128 };
-            let mut add = handle.address().add(link.index, ip, len).replace();
-            add.message_mut().header.flags = AddressHeaderFlags::Nodad;
-            add.message_mut()
-                .attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
-            add.execute()
-                .await
-                .map_err(nl_err(format!("tunnel address {ip}/{len} on vxweft")))?;
-        }
+        add_tunnel_addresses(handle, link.index, &config.pod_cidrs, "vxweft").await?;
         Ok(Overlay {
             config,
             index: link.index,
@@ -398,18 +387,7 @@ impl Overlay {
                 .await
                 .map_err(nl_err("set wgweft MTU, up"))?;
         }
-        for cidr in self.config.pod_cidrs.to_list() {
-            let ip = tunnel_address(cidr);
-            let len = if ip.is_ipv4() { 32 } else { 128 };
-            let mut add = handle.address().add(link.index, ip, len).replace();
-            add.message_mut().header.flags = AddressHeaderFlags::Nodad;
-            add.message_mut()
-                .attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
-            add.execute()
-                .await
-                .map_err(nl_err(format!("tunnel address {ip}/{len} on wgweft")))?;
-        }
+        add_tunnel_addresses(handle, link.index, &self.config.pod_cidrs, WIREGUARD_DEVICE).await?;
         Ok(true)
     }
 
@@ -799,6 +777,29 @@ impl Overlay {
             _ => unreachable!("route family mismatch {cidr} via {via}"),
         }
     }
+}
+
+/// Gives device `index` (named `dev` in errors) this node's tunnel address of every podCIDR,
+/// host-length, without duplicate address detection (replacing what is there).
+async fn add_tunnel_addresses(
+    handle: &rtnetlink::Handle,
+    index: u32,
+    pod_cidrs: &PodCidrs,
+    dev: &str,
+) -> Result<(), OverlayError> {
+    for cidr in pod_cidrs.to_list() {
+        let ip = tunnel_address(cidr);
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        let mut add = handle.address().add(index, ip, len).replace();
+        add.message_mut().header.flags = AddressHeaderFlags::Nodad;
+        add.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        add.execute()
+            .await
+            .map_err(nl_err(format!("tunnel address {ip}/{len} on {dev}")))?;
+    }
+    Ok(())
 }
 
 /// Index and MTU of the link that carries `ip`.

@@ -340,6 +340,26 @@ pub fn fill_from_plan(
     })
 }
 
+/// A pod's addresses in a run, the same for every target: what its spec pins, the rest from
+/// the plan (from [`FIRST_POD_K`], skipping `used`). Errs when the plan is exhausted or a
+/// pinned address belongs to another pod.
+pub fn assign_addresses(
+    number: usize,
+    requested: PodAddresses,
+    used: &std::collections::BTreeSet<std::net::IpAddr>,
+) -> Result<PodAddresses, String> {
+    let a = fill_from_plan(number, requested, FIRST_POD_K, used)
+        .ok_or_else(|| "no free address in the plan".to_string())?;
+    match Family::ALL
+        .iter()
+        .filter_map(|f| a.get(*f))
+        .find(|ip| used.contains(ip))
+    {
+        Some(ip) => Err(format!("address {ip} is taken")),
+        None => Ok(a),
+    }
+}
+
 /// A NetworkPolicy as the case writes it, templates unfilled. Parsed and checked at load time;
 /// [`PolicyTemplate::render`] fills the templates once pods have addresses.
 #[derive(Clone, Debug, PartialEq)]

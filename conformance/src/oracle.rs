@@ -59,19 +59,12 @@ impl Oracle {
             ipv4: spec.ip,
             ipv6: spec.ipv6,
         };
-        let addresses =
-            crate::case::fill_from_plan(number, requested, crate::case::FIRST_POD_K, &self.used)
-                .ok_or_else(|| DriverError::new(what(), "no free address in the plan"))?;
+        let addresses = crate::case::assign_addresses(number, requested, &self.used)
+            .map_err(|why| DriverError::new(what(), why))?;
         let ips: Vec<IpAddr> = Family::ALL
             .iter()
             .filter_map(|f| addresses.get(*f))
             .collect();
-        if let Some(taken) = ips.iter().find(|ip| self.used.contains(ip)) {
-            return Err(DriverError::new(
-                what(),
-                format!("address {taken} is taken"),
-            ));
-        }
         self.used.extend(ips.iter().copied());
         let pod = Pod {
             key: Oracle::key(&spec.pod),

@@ -461,16 +461,8 @@ impl ClusterTarget {
             ipv4: spec.ip,
             ipv6: spec.ipv6,
         };
-        let a =
-            crate::case::fill_from_plan(number, requested, crate::case::FIRST_POD_K, &self.used)
-                .ok_or_else(|| DriverError::new(what(), "no free address in the plan"))?;
-        for f in Family::ALL {
-            if let Some(ip) = a.get(f)
-                && self.used.contains(&ip)
-            {
-                return Err(DriverError::new(what(), format!("address {ip} is taken")));
-            }
-        }
+        let a = crate::case::assign_addresses(number, requested, &self.used)
+            .map_err(|why| DriverError::new(what(), why))?;
         Ok((number, a))
     }
 

@@ -966,14 +966,22 @@ mod tests {
         }
     }
 
+    /// Node n1's settings in these tests.
+    fn config(drift_check_interval: Duration) -> ControllerConfig {
+        ControllerConfig {
+            node: "n1".into(),
+            table: "weft".into(),
+            inject_panic_policy: None,
+            max_reconciles_per_second: 1000,
+            drift_check_interval,
+        }
+    }
+
     fn controller(inject: Option<&str>) -> (Controller, Arc<Shared>) {
         let shared = Arc::new(Shared::new("n1", Arc::new(Metrics::default())));
         let cfg = ControllerConfig {
-            node: "n1".into(),
-            table: "weft".into(),
             inject_panic_policy: inject.map(Into::into),
-            max_reconciles_per_second: 1000,
-            drift_check_interval: Duration::ZERO,
+            ..config(Duration::ZERO)
         };
         (
             Controller::new(cfg, Box::new(Memory::new("weft")), shared.clone(), None),
@@ -1099,14 +1107,12 @@ mod tests {
         let shared = Arc::new(Shared::new("n1", Arc::new(Metrics::default())));
         let memory = Memory::new("weft");
         let kernel = memory.fake.clone();
-        let cfg = ControllerConfig {
-            node: "n1".into(),
-            table: "weft".into(),
-            inject_panic_policy: None,
-            max_reconciles_per_second: 1000,
-            drift_check_interval: Duration::ZERO,
-        };
-        let mut c = Controller::new(cfg, Box::new(memory), shared.clone(), None);
+        let mut c = Controller::new(
+            config(Duration::ZERO),
+            Box::new(memory),
+            shared.clone(),
+            None,
+        );
         list_all(
             &mut c,
             vec![pod("a", "10.244.1.2", "n1")],
@@ -1137,15 +1143,7 @@ mod tests {
 
     #[test]
     fn status_counts_what_the_committed_table_enforces() {
-        let shared = Arc::new(Shared::new("n1", Arc::new(Metrics::default())));
-        let cfg = ControllerConfig {
-            node: "n1".into(),
-            table: "weft".into(),
-            inject_panic_policy: None,
-            max_reconciles_per_second: 1000,
-            drift_check_interval: Duration::ZERO,
-        };
-        let mut c = Controller::new(cfg, Box::new(Memory::new("weft")), shared.clone(), None);
+        let (mut c, shared) = controller(None);
         list_all(
             &mut c,
             vec![pod("a", "10.244.1.2", "n1"), pod("b", "10.244.2.2", "n2")],
@@ -1189,15 +1187,13 @@ mod tests {
         let memory = Memory::new("weft");
         let kernel = memory.fake.clone();
         let generation = Arc::new(std::sync::atomic::AtomicU32::new(7));
-        let cfg = ControllerConfig {
-            node: "n1".into(),
-            table: "weft".into(),
-            inject_panic_policy: None,
-            max_reconciles_per_second: 1000,
-            drift_check_interval: Duration::from_millis(1),
-        };
         let backend = WithGeneration(memory, generation.clone());
-        let mut c = Controller::new(cfg, Box::new(backend), shared.clone(), None);
+        let mut c = Controller::new(
+            config(Duration::from_millis(1)),
+            Box::new(backend),
+            shared.clone(),
+            None,
+        );
         list_all(
             &mut c,
             vec![pod("a", "10.244.1.2", "n1")],

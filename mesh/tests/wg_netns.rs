@@ -69,6 +69,26 @@ impl Drop for Lab {
 }
 
 impl Lab {
+    /// Starts a one-connection TCP server on `ns`'s tunnel address, port 7000, that writes what
+    /// it receives to `file`; returns its index in `children` (wait on it for the end).
+    fn receive_into(&mut self, ns: &str, file: &Path) -> usize {
+        let server = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "socat",
+                "-u",
+                "TCP-LISTEN:7000,bind=198.19.0.2,reuseaddr",
+            ])
+            .arg(format!("OPEN:{},creat,trunc", file.display()))
+            .spawn()
+            .expect("socat server");
+        self.children.push(server);
+        std::thread::sleep(Duration::from_millis(300));
+        self.children.len() - 1
+    }
+
     /// Namespaces a (198.18.0.1) and b (198.18.0.2) on a veth; weft-wg in each; tunnel
     /// addresses 198.19.0.1 and 198.19.0.2 on `wgweft` (MTU 1420).
     fn new(tag: &str) -> Lab {
@@ -233,21 +253,7 @@ fn tcp_crosses_the_tunnel_and_the_underlay_carries_no_plaintext() {
     let cap_inner = lab.capture(&a, "wgweft", &inner);
 
     let received = lab.dir.join("received");
-    let server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &b,
-            "socat",
-            "-u",
-            "TCP-LISTEN:7000,bind=198.19.0.2,reuseaddr",
-        ])
-        .arg(format!("OPEN:{},creat,trunc", received.display()))
-        .spawn()
-        .expect("socat server");
-    lab.children.push(server);
-    let server_index = lab.children.len() - 1;
-    std::thread::sleep(Duration::from_millis(300));
+    let server_index = lab.receive_into(&b, &received);
     let payload: String = (0..200).map(|i| format!("{MARKER} line {i}\n")).collect();
     let sent = lab.dir.join("sent");
     std::fs::write(&sent, &payload).expect("payload");
@@ -320,21 +326,7 @@ fn a_device_started_without_peers_carries_traffic_after_a_live_reload() {
     let mut lab = Lab::with("reload", true);
     let (a, b) = (lab.a.clone(), lab.b.clone());
     let received = lab.dir.join("received");
-    let server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &b,
-            "socat",
-            "-u",
-            "TCP-LISTEN:7000,bind=198.19.0.2,reuseaddr",
-        ])
-        .arg(format!("OPEN:{},creat,trunc", received.display()))
-        .spawn()
-        .expect("socat server");
-    lab.children.push(server);
-    let server_index = lab.children.len() - 1;
-    std::thread::sleep(Duration::from_millis(300));
+    let server_index = lab.receive_into(&b, &received);
     let sent = lab.dir.join("sent");
     std::fs::write(&sent, format!("{MARKER} after reload\n")).expect("payload");
     run(&[

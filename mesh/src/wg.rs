@@ -352,6 +352,12 @@ pub mod userspace {
 
     use super::DeviceConfig;
 
+    /// `SO_RCVBUF`/`SO_SNDBUF` asked for on the WireGuard UDP socket (the kernel caps it at
+    /// `net.core.rmem_max`/`wmem_max`). With the default (208 KiB) the receiving `weft-wg`
+    /// overflowed its socket under one TCP stream (lab: `UdpRcvbufErrors` equal to the
+    /// sender's retransmissions, ~32k in 6 s) and the encrypted path ran at half speed.
+    pub const UDP_BUFFER: usize = 4 << 20;
+
     /// The device did not come up or failed.
     #[derive(Debug, Error)]
     pub enum DeviceError {
@@ -413,6 +419,8 @@ pub mod userspace {
                 .collect::<Result<Vec<_>, _>>()?;
             let device = DeviceBuilder::new()
                 .with_default_udp()
+                .udp_recv_buffer_size(UDP_BUFFER)
+                .udp_send_buffer_size(UDP_BUFFER)
                 .create_tun(interface)
                 .map_err(|e| DeviceError::Device(e.to_string()))?
                 .with_private_key(StaticSecret::from(cfg.private_key))

@@ -65,6 +65,12 @@ impl LinkHealth {
         self.up
     }
 
+    /// Down, but the latest probe answered: the path may be coming back (it is trusted again
+    /// only after `up_after` answers in a row).
+    pub fn recovering(&self) -> bool {
+        !self.up && self.against > 0
+    }
+
     /// Records one probe result; `true` if the health flipped.
     pub fn observe(&mut self, ok: bool, h: Hysteresis) -> bool {
         if ok == self.up {
@@ -164,8 +170,14 @@ impl PathTable {
     /// Records a probe of our direct path to `peer`.
     pub fn probe(&mut self, peer: &NodeName, ok: bool) -> Vec<PathChange> {
         let h = self.hysteresis;
-        let flipped = self.links.get_mut(peer).is_some_and(|l| l.observe(ok, h));
-        if flipped {
+        let Some(link) = self.links.get_mut(peer) else {
+            return Vec::new();
+        };
+        let before = *link;
+        link.observe(ok, h);
+        // Recomputed also when a down path starts or stops answering (no flip): that
+        // decides whether a new relay may be chosen.
+        if *link != before {
             self.recompute()
         } else {
             Vec::new()
@@ -244,6 +256,14 @@ impl PathTable {
             && self.can_relay(via, peer)
         {
             return current.clone();
+        }
+        // A down path that answers again is coming back (a link back up after an outage: its
+        // far end and every relay candidate recover at about the same time, in an order set
+        // by probe phases). Moving it onto a relay now would change routes and WireGuard
+        // peers twice within seconds while the direct path already carries traffic (an
+        // unreachable peer keeps its direct route), so no new relay is chosen for it.
+        if self.links.get(peer).is_some_and(LinkHealth::recovering) {
+            return Path::Unreachable;
         }
         self.links
             .keys()
@@ -432,6 +452,43 @@ mod tests {
                     Probes("b", false, 3),
                 ],
                 &[("b", Path::Unreachable)],
+            ),
+            (
+                "a down path that answers again gets no new relay",
+                &[
+                    Probes("c", false, 3),
+                    Probe("c", true),
+                    Report("b", &[("c", true)]),
+                ],
+                &[("c", Path::Unreachable)],
+            ),
+            (
+                "once it fails again, the relay is taken",
+                &[
+                    Probes("c", false, 3),
+                    Probe("c", true),
+                    Report("b", &[("c", true)]),
+                    Probe("c", false),
+                ],
+                &[("c", relay("b"))],
+            ),
+            (
+                "our own link back up: the peer that recovers first is no detour for the others",
+                &[
+                    Report("b", &[("c", true), ("d", true)]),
+                    Report("d", &[("b", true), ("c", true)]),
+                    Probes("b", false, 3),
+                    Probes("c", false, 3),
+                    Probes("d", false, 3),
+                    Probe("c", true),
+                    Probe("d", true),
+                    Probes("b", true, 2),
+                ],
+                &[
+                    ("b", Path::Direct),
+                    ("c", Path::Unreachable),
+                    ("d", Path::Unreachable),
+                ],
             ),
             (
                 "reports from non-members are ignored",

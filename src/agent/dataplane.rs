@@ -222,6 +222,10 @@ impl PolicyGate for AgentGate {
     }
 }
 
+/// How long the overlay routes wait for the mesh's first route choices (see
+/// [`MeshRouting::decided`]) before the plain overlay is programmed anyway.
+const MESH_DECISION_WAIT: Duration = Duration::from_secs(10);
+
 /// The CNI service once this node's podCIDRs are known.
 pub type ServiceSlot = Arc<RwLock<Option<Arc<CniService>>>>;
 
@@ -238,6 +242,8 @@ pub async fn run(
     tokio::spawn(housekeeping(cfg.clone(), gate.shared.clone(), slot.clone()));
     let mut state: Option<(rtnetlink::Handle, Overlay, PodCidrs)> = None;
     let mut wg_warned: Option<Instant> = None;
+    let started = Instant::now();
+    let mut waiting_logged = false;
     loop {
         let snapshot = nodes.borrow_and_update().clone();
         let routing = mesh
@@ -292,15 +298,25 @@ pub async fn run(
                         Err(e) => warn!(error = %e, "WireGuard device not configured; retried"),
                     }
                 }
-                let report = overlay.sync_routes(handle, &remotes, &routing.routes).await;
-                if !report.added.is_empty()
-                    || !report.removed.is_empty()
-                    || !report.changed.is_empty()
-                {
-                    info!(added = ?report.added, removed = ?report.removed, changed = ?report.changed, "overlay synced");
-                }
-                for (node, e) in &report.failed {
-                    warn!(%node, error = %e, "overlay entries failed; retried at the next sync");
+                // With the mesh on, the routes wait for its first choices (normally a few ms;
+                // at most MESH_DECISION_WAIT, then the plain overlay is programmed): until
+                // then the kernel keeps what a previous run left (issue 8's handoff).
+                if mesh.is_some() && !routing.decided && started.elapsed() < MESH_DECISION_WAIT {
+                    if !waiting_logged {
+                        info!("overlay routes: waiting for the mesh's first route choices");
+                        waiting_logged = true;
+                    }
+                } else {
+                    let report = overlay.sync_routes(handle, &remotes, &routing.routes).await;
+                    if !report.added.is_empty()
+                        || !report.removed.is_empty()
+                        || !report.changed.is_empty()
+                    {
+                        info!(added = ?report.added, removed = ?report.removed, changed = ?report.changed, "overlay synced");
+                    }
+                    for (node, e) in &report.failed {
+                        warn!(%node, error = %e, "overlay entries failed; retried at the next sync");
+                    }
                 }
             }
         }

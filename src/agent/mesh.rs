@@ -73,6 +73,10 @@ const RESTART_GRACE: Duration = Duration::from_secs(10);
 /// How long a reconnected peer's last WireGuard advertisement stands without a new one (a
 /// peer with encryption on re-advertises in its first messages).
 const ADVERT_WAIT: Duration = Duration::from_secs(3);
+/// How long a peer found in the WireGuard configuration a previous run of this agent left
+/// behind keeps that key and port without advertising them again (the handoff: a restarted
+/// agent carries on with the device as it is, changing nothing, until its peers speak).
+const ADOPT_WAIT: Duration = STARTUP_GRACE;
 /// Default WireGuard UDP port.
 pub const DEFAULT_WG_PORT: u16 = weft_mesh::wg::DEFAULT_LISTEN_PORT;
 
@@ -154,6 +158,10 @@ pub struct MeshRouting {
     pub routes: BTreeMap<String, PeerRoute>,
     /// Encryption on: the dataplane gives `wgweft` its addresses, MTU and brings it up.
     pub encryption: bool,
+    /// The mesh has made its first choices. Until then (a few ms after start, at most until
+    /// the dataplane's own deadline) the dataplane leaves the overlay routes the kernel
+    /// has as they are: a restarted agent must not move peers to plain VXLAN and back.
+    pub decided: bool,
 }
 
 /// This node's mesh, as `GET /debug/mesh` shows it (and `weft status`).
@@ -393,6 +401,7 @@ pub async fn start(
     let (routing_tx, routing_rx) = watch::channel(MeshRouting {
         routes: BTreeMap::new(),
         encryption: cfg.encryption,
+        decided: false,
     });
     tokio::spawn(async move {
         loop {
@@ -445,7 +454,7 @@ async fn bring_up(
     let listener = tokio::net::TcpListener::bind(bind)
         .await
         .with_context(|| format!("mesh: listening on {bind}"))?;
-    let wireguard = if cfg.encryption {
+    let mut wireguard = if cfg.encryption {
         Some(Wireguard::open(
             &cfg.state_dir.join("wg"),
             cfg.backend,
@@ -453,6 +462,16 @@ async fn bring_up(
         )?)
     } else {
         None
+    };
+    // What a previous run left on the device: kept as it is (see `ADOPT_WAIT`), and its
+    // readiness read now, so the first route choices already see the live sessions.
+    let adopted = match &mut wireguard {
+        Some(wg) => {
+            let peers = wg.adopt();
+            wg.refresh();
+            peers
+        }
+        None => Vec::new(),
     };
     let (shutdown_tx, shutdown) = watch::channel(false);
     tokio::spawn(node.clone().serve(listener, shutdown.clone()));
@@ -469,6 +488,8 @@ async fn bring_up(
         node,
         shared: shared.clone(),
         wireguard,
+        adopted,
+        seen_self: false,
         advertised: None,
         last_advert: Instant::now(),
         started: Instant::now(),
@@ -493,6 +514,11 @@ struct Mesh {
     node: Arc<MeshNode>,
     shared: Arc<MeshShared>,
     wireguard: Option<Wireguard>,
+    /// Peers of the WireGuard configuration a previous run left, not matched to a member
+    /// yet (by endpoint address); dropped after `ADOPT_WAIT`.
+    adopted: Vec<PeerConfig>,
+    /// The node list has shown our own Node: the members (and so the routes) are known.
+    seen_self: bool,
     advertised: Option<WgAdvert>,
     last_advert: Instant,
     started: Instant,
@@ -540,6 +566,7 @@ impl Mesh {
             };
             names.push(name.clone());
             if name == self.me {
+                self.seen_self = true;
                 let published = n.mesh_identity.as_deref() == Some(self.identity_b64.as_str());
                 if published && !self.identity_published {
                     info!("mesh: our identity key is published on our Node");
@@ -600,8 +627,41 @@ impl Mesh {
             }
         }
         self.members = members;
+        self.adopt_adverts();
         self.publish_identity();
         self.update();
+    }
+
+    /// Gives each member found in the previous run's WireGuard configuration that key and
+    /// port as its advertisement until it advertises again or `ADOPT_WAIT` passes.
+    fn adopt_adverts(&mut self) {
+        if self.adopted.is_empty() {
+            return;
+        }
+        let deadline = self.started + ADOPT_WAIT;
+        let mut kept = Vec::new();
+        for pc in std::mem::take(&mut self.adopted) {
+            let Some(endpoint) = pc.endpoint else {
+                continue;
+            };
+            let Some(name) = self.peer_by_addr(endpoint.ip()) else {
+                kept.push(pc);
+                continue;
+            };
+            let Some(st) = self.peers.get_mut(&name) else {
+                continue;
+            };
+            if st.wg.is_none() {
+                info!(peer = %name, key = %encode_key(&pc.public_key), "mesh: WireGuard peer kept from the previous run until it advertises again");
+                st.wg = Some(WgAdvert {
+                    public_key: pc.public_key,
+                    port: endpoint.port(),
+                    ready: true,
+                });
+                st.advert_due = Some(deadline);
+            }
+        }
+        self.adopted = kept;
     }
 
     /// Writes our identity key on our Node (merge patch of one annotation), at most every 5 s
@@ -804,6 +864,13 @@ impl Mesh {
                 l.try_send(MeshMessage::Probe(st.sent_seq).encode());
             }
         }
+        if !self.adopted.is_empty() && self.started.elapsed() >= ADOPT_WAIT {
+            info!(
+                peers = self.adopted.len(),
+                "mesh: WireGuard peers from the previous run that match no Node: dropped"
+            );
+            self.adopted.clear();
+        }
         let mut advert_gone = false;
         for (name, st) in &mut self.peers {
             if st.advert_due.is_some_and(|t| now >= t) {
@@ -992,6 +1059,7 @@ impl Mesh {
         let routing = MeshRouting {
             routes,
             encryption: self.wireguard.is_some(),
+            decided: self.seen_self,
         };
         self.routing.send_if_modified(|have| {
             let changed = *have != routing;
@@ -1241,5 +1309,41 @@ mod tests {
             persistent_keepalive: None,
         });
         assert_ne!(config_digest(&a.render()), config_digest(&b.render()));
+    }
+
+    #[test]
+    fn a_restarted_agent_adopts_its_own_wireguard_configuration_only() {
+        let dir = std::env::temp_dir().join(format!("weft-mesh-adopt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // First run: a key is generated, a configuration with one peer written.
+        let mut first = Wireguard::open(&dir, WireguardBackend::Userspace, 51820).expect("open");
+        assert!(first.adopt().is_empty(), "nothing to adopt on a fresh node");
+        let peer = PeerConfig {
+            public_key: [7; 32],
+            endpoint: Some("198.18.0.12:51820".parse().expect("addr")),
+            allowed_ips: vec![("10.244.1.0".parse().expect("ip"), 24)],
+            persistent_keepalive: Some(25),
+        };
+        let cfg = DeviceConfig {
+            private_key: first.private_key,
+            listen_port: 51820,
+            peers: vec![peer.clone()],
+        };
+        first.write(&cfg);
+        let on_disk = std::fs::read_to_string(&first.config_path).expect("written");
+        // Second run, same key and port: the peers come back, and writing the same
+        // configuration again does not touch the file.
+        let mut second = Wireguard::open(&dir, WireguardBackend::Userspace, 51820).expect("open");
+        assert_eq!(second.private_key, first.private_key);
+        assert_eq!(second.adopt(), vec![peer]);
+        std::fs::write(&second.config_path, format!("{on_disk}# marker\n")).expect("mark");
+        second.write(&cfg);
+        let after = std::fs::read_to_string(&second.config_path).expect("read");
+        assert!(after.ends_with("# marker\n"), "an unchanged configuration was rewritten");
+        // Another port: not ours to adopt.
+        let mut other = Wireguard::open(&dir, WireguardBackend::Userspace, 51821).expect("open");
+        assert!(other.adopt().is_empty());
+        assert!(other.written.is_none());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

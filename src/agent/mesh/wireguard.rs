@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use weft_mesh::wg::{DeviceConfig, DeviceStatus, decode_key, encode_key};
 
 use super::WireguardBackend;
@@ -76,6 +76,35 @@ impl Wireguard {
             status: None,
             problem: Some("not started yet".into()),
         })
+    }
+
+    /// Takes over the configuration a previous run wrote, if it is this device's (same
+    /// private key): it counts as written (an identical one is not written again) and its
+    /// peers are returned. Anything else is left to be replaced by the first write.
+    pub(super) fn adopt(&mut self) -> Vec<weft_mesh::wg::PeerConfig> {
+        let text = match std::fs::read_to_string(&self.config_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => {
+                warn!(path = %self.config_path.display(), error = %e, "cannot read the previous WireGuard configuration; it is replaced");
+                return Vec::new();
+            }
+        };
+        match DeviceConfig::parse(&text) {
+            Ok(cfg) if cfg.private_key == self.private_key && cfg.listen_port == self.port => {
+                info!(path = %self.config_path.display(), peers = cfg.peers.len(), "WireGuard configuration of the previous run adopted");
+                self.written = Some(text);
+                cfg.peers
+            }
+            Ok(_) => {
+                info!(path = %self.config_path.display(), "previous WireGuard configuration has another key or port; it is replaced");
+                Vec::new()
+            }
+            Err(e) => {
+                warn!(path = %self.config_path.display(), error = %e, "previous WireGuard configuration unreadable; it is replaced");
+                Vec::new()
+            }
+        }
     }
 
     /// Writes the configuration (if it changed) and applies it (kernel) or lets `weft-wg`

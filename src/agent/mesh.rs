@@ -1021,7 +1021,10 @@ impl Mesh {
     /// Recomputes routes, the WireGuard configuration, metrics and the snapshot.
     fn update(&mut self) {
         let routes = self.routes();
-        if let Some(cfg) = self.device_config(&routes)
+        // Not before the node list is known: a configuration computed without members
+        // would drop every peer from the device (and their sessions) for nothing.
+        if self.seen_self
+            && let Some(cfg) = self.device_config(&routes)
             && let Some(wg) = &mut self.wireguard
         {
             wg.write(&cfg);

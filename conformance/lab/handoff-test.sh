@@ -240,17 +240,34 @@ score "0 steady state, no restart (control)" "$t0" "$t1" - - --expect "$CUR"
 check zero_wrong
 
 # --- 1a: kill -9 of node 1's agent, restarted 1 s later -----------------------------------
+# A restarted agent adopts the overlay as it finds it: the routes to other nodes' pods (read
+# with ip -j) and, with encryption, the WireGuard configuration weft-wg follows (content and
+# mtime: not even rewritten) must be exactly as before the kill.
+overlay_state() { # i -> one text for the node's overlay
+  local i=$1 f=$D/run/node$1/wg/wgweft.conf
+  ip -n "$P-node$i" -j route show | jq -c '[.[] | select(.dev == "vxweft" or .dev == "wgweft") | {dst, dev, gateway}] | sort_by(.dst)'
+  ip -n "$P-node$i" -j -6 route show | jq -c '[.[] | select(.dev == "vxweft" or .dev == "wgweft") | {dst, dev, gateway}] | sort_by(.dst)'
+  if [[ -f $f ]]; then stat -c '%Y.%y' "$f"; sha256sum <"$f"; fi
+}
+overlay_kept() { # i before-file
+  local now
+  now=$(overlay_state "$1")
+  [[ $now == "$(cat "$2")" ]] || { log "node$1's overlay changed across the restart:"; diff "$2" <(echo "$now") >&2; return 1; }
+}
 if want 1a; then
+  overlay_state 1 >"$work/overlay1"
   t0=$(now)
   bash "$HERE/lab.sh" restart-agent 1 KILL 1 2>>"$work/lab.err"
   c=$(converge 1); sleep 3; t1=$(now)
   score "1a kill -9 node1 agent, restart after 1 s" "$t0" "$t1" "$c" "$(metric 1 weft_nft_ops_total)" --expect "$CUR"
   check zero_wrong
   check converged "$c"
+  check overlay_kept 1 "$work/overlay1"
 fi
 
 # --- 1b: kill -9 of every agent at once -----------------------------------------------------
 if want 1b; then
+  for i in 1 2 3; do overlay_state "$i" >"$work/overlay$i"; done
   t0=$(now)
   bash "$HERE/lab.sh" restart-agent all KILL 1 2>>"$work/lab.err"
   cs=() ops=0
@@ -259,6 +276,7 @@ if want 1b; then
   score "1b kill -9 all 3 agents at once, restart 1 s" "$t0" "$t1" "$(IFS=/; echo "${cs[*]}")" "$ops" --expect "$CUR"
   check zero_wrong
   check converged "${cs[@]}"
+  for i in 1 2 3; do check overlay_kept "$i" "$work/overlay$i"; done
 fi
 
 # --- 2: rolling SIGTERM + restart over the nodes --------------------------------------------

@@ -281,6 +281,7 @@ fi
 
 # --- 2: rolling SIGTERM + restart over the nodes --------------------------------------------
 if want 2; then
+  for i in 1 2 3; do overlay_state "$i" >"$work/overlay$i"; done
   t0=$(now) cs=() ops=0
   for i in 1 2 3; do
     bash "$HERE/lab.sh" restart-agent "$i" TERM 1 2>>"$work/lab.err"
@@ -290,6 +291,7 @@ if want 2; then
   score "2 rolling SIGTERM + restart, node1..3" "$t0" "$t1" "$(IFS=/; echo "${cs[*]}")" "$ops" --expect "$CUR"
   check zero_wrong
   check converged "${cs[@]}"
+  for i in 1 2 3; do check overlay_kept "$i" "$work/overlay$i"; done
 fi
 
 # --- 3: rolling upgrade across an nft schema change, and back -------------------------------
@@ -356,6 +358,7 @@ if want 3; then
   old_schema=$(schema_of 1 weft)
   if [[ -x $NEXT ]]; then
     new_schema=$((old_schema + 1))
+    for i in 1 2 3; do overlay_state "$i" >"$work/overlay$i"; done
     t0=$(now)
     rolling_to "$NEXT" "$new_schema"
     sleep 3; t1=$(now)
@@ -363,6 +366,7 @@ if want 3; then
     check zero_wrong
     check converged "${cs[@]}"
     check schema_is "$new_schema"
+    for i in 1 2 3; do check overlay_kept "$i" "$work/overlay$i"; done
     log "3: after the upgrade, node1: $(for t in weft weft-nat; do echo -n "table inet $t schema $(schema_of 1 "$t"); "; done)"
     t0=$(now)
     rolling_to "$W" "$old_schema"

@@ -257,12 +257,21 @@ impl PathTable {
         {
             return current.clone();
         }
-        // A down path that answers again is coming back (a link back up after an outage: its
-        // far end and every relay candidate recover at about the same time, in an order set
-        // by probe phases). Moving it onto a relay now would change routes and WireGuard
-        // peers twice within seconds while the direct path already carries traffic (an
-        // unreachable peer keeps its direct route), so no new relay is chosen for it.
-        if self.links.get(peer).is_some_and(LinkHealth::recovering) {
+        // A path that is not in use and answers our probes again is coming back (a link back
+        // up after an outage: its far end and every relay candidate recover at about the
+        // same time, each after its own hysteresis, in an order set by probe phases). That
+        // covers our probes having answered once (recovering) and our side being up while
+        // the peer's report still says down (its hysteresis a tick behind ours). Moving the
+        // peer onto a relay now would change routes and WireGuard peers twice within seconds
+        // while the direct path already carries traffic (an unreachable peer keeps its
+        // direct route), so no new relay is chosen for it. A path in use (Direct) that the
+        // peer reports down is still relayed at once: both ends must leave it together.
+        if *current != Path::Direct
+            && self
+                .links
+                .get(peer)
+                .is_some_and(|l| l.recovering() || l.is_up())
+        {
             return Path::Unreachable;
         }
         self.links
@@ -489,6 +498,23 @@ mod tests {
                     ("c", Path::Unreachable),
                     ("d", Path::Unreachable),
                 ],
+            ),
+            (
+                "our side is back up but the peer's report lags: no new relay",
+                &[
+                    Report("b", &[("c", true)]),
+                    Report("c", &[("a", false)]),
+                    Probes("c", false, 3),
+                    Forget("b"),
+                    Probes("c", true, 2),
+                    Report("b", &[("c", true)]),
+                ],
+                &[("c", Path::Unreachable)],
+            ),
+            (
+                "a direct path the peer reports down is relayed at once (both ends leave it)",
+                &[Report("b", &[("c", true)]), Report("c", &[("a", false)])],
+                &[("c", relay("b"))],
             ),
             (
                 "reports from non-members are ignored",

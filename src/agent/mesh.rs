@@ -1342,7 +1342,10 @@ mod tests {
         std::fs::write(&second.config_path, format!("{on_disk}# marker\n")).expect("mark");
         second.write(&cfg);
         let after = std::fs::read_to_string(&second.config_path).expect("read");
-        assert!(after.ends_with("# marker\n"), "an unchanged configuration was rewritten");
+        assert!(
+            after.ends_with("# marker\n"),
+            "an unchanged configuration was rewritten"
+        );
         // Another port: not ours to adopt.
         let mut other = Wireguard::open(&dir, WireguardBackend::Userspace, 51821).expect("open");
         assert!(other.adopt().is_empty());

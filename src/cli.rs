@@ -346,6 +346,9 @@ fn mesh_lines(m: &serde_json::Value) -> Vec<String> {
                 .as_f64()
                 .map_or("never".to_string(), |s| format!("{s:.1}s ago"))
         ));
+        if let Some(problem) = p["wireguard_problem"].as_str() {
+            out.push(format!("    WIREGUARD: {problem}"));
+        }
     }
     out
 }

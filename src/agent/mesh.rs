@@ -77,6 +77,13 @@ const ADVERT_WAIT: Duration = Duration::from_secs(3);
 /// behind keeps that key and port without advertising them again (the handoff: a restarted
 /// agent carries on with the device as it is, changing nothing, until its peers speak).
 const ADOPT_WAIT: Duration = STARTUP_GRACE;
+/// How long pod traffic to a peer that advertises WireGuard may go over plain VXLAN while
+/// the first session with it forms (a handshake takes milliseconds; WireGuard retries every
+/// 5 s). After that, without a live session, the peer is reported (`weft_mesh_wireguard_failing_peers`,
+/// an error naming the UDP port) and its pods are routed into the tunnel all the same: a
+/// node with encryption on never falls back to plaintext towards a peer that has it on too
+/// (its direct path counts as down, so a relay through a third node carries it if one can).
+const WG_SESSION_GRACE: Duration = Duration::from_secs(20);
 /// Default WireGuard UDP port.
 pub const DEFAULT_WG_PORT: u16 = weft_mesh::wg::DEFAULT_LISTEN_PORT;
 
@@ -224,6 +231,9 @@ pub struct PeerSnapshot {
     pub wireguard_handshake_age_seconds: Option<f64>,
     /// Round trip of the last answered probe, milliseconds.
     pub probe_rtt_ms: Option<f64>,
+    /// Both sides have WireGuard ready but no session has formed (or the last one expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard_problem: Option<String>,
 }
 
 /// What `/metrics` and `/debug/mesh` read (set once when the mesh starts).
@@ -239,6 +249,8 @@ pub struct MeshShared {
     pub wireguard_ready: AtomicU64,
     /// Peers whose pods are reached over WireGuard.
     pub encrypted_peers: AtomicU64,
+    /// Peers with WireGuard ready on both sides but no live session past the grace.
+    pub wireguard_failing_peers: AtomicU64,
     /// The latest snapshot.
     pub snapshot: Mutex<MeshSnapshot>,
 }
@@ -287,10 +299,13 @@ pub fn render_metrics() -> String {
          # HELP weft_mesh_wireguard_ready This node's WireGuard device is up and configured.\n\
          # TYPE weft_mesh_wireguard_ready gauge\nweft_mesh_wireguard_ready {}\n\
          # HELP weft_mesh_encrypted_peers Peers whose pods are reached over WireGuard.\n\
-         # TYPE weft_mesh_encrypted_peers gauge\nweft_mesh_encrypted_peers {}",
+         # TYPE weft_mesh_encrypted_peers gauge\nweft_mesh_encrypted_peers {}\n\
+         # HELP weft_mesh_wireguard_failing_peers Peers with WireGuard ready on both sides but no session (UDP port blocked?): their pods are not reached in plaintext.\n\
+         # TYPE weft_mesh_wireguard_failing_peers gauge\nweft_mesh_wireguard_failing_peers {}",
         g(&s.refused_peers),
         g(&s.wireguard_ready),
-        g(&s.encrypted_peers)
+        g(&s.encrypted_peers),
+        g(&s.wireguard_failing_peers)
     );
     out
 }
@@ -377,6 +392,11 @@ struct PeerState {
     advert_due: Option<Instant>,
     dialer: Option<watch::Sender<bool>>,
     dial_addr: Option<SocketAddr>,
+    /// Since when both sides have WireGuard ready without a live session (see
+    /// `WG_SESSION_GRACE`); `None` while there is one or either side is not ready.
+    wg_waiting_since: Option<Instant>,
+    /// The failure was logged (logged again when it clears).
+    wg_failing_logged: bool,
 }
 
 impl PeerState {
@@ -856,7 +876,14 @@ impl Mesh {
                 expired.push(name.clone());
             }
             if (!live && !starting && !restarting) || (live && st.sent_seq > 0) {
-                probes.push((name.clone(), live && st.acked_seq == st.sent_seq));
+                // A WireGuard path that cannot form a session is a broken direct path too.
+                let wg_failing = st
+                    .wg_waiting_since
+                    .is_some_and(|t| t.elapsed() >= WG_SESSION_GRACE);
+                probes.push((
+                    name.clone(),
+                    live && st.acked_seq == st.sent_seq && !wg_failing,
+                ));
             }
             if let Some(l) = st.live_link().cloned() {
                 st.sent_seq += 1;
@@ -900,6 +927,7 @@ impl Mesh {
                 l.try_send(report.clone());
             }
         }
+        self.watch_wireguard_sessions(now);
         if let Some(wg) = &mut self.wireguard {
             wg.refresh();
             let adv = wg.public_key.map(|public_key| WgAdvert {
@@ -937,8 +965,42 @@ impl Mesh {
         self.update();
     }
 
+    /// Follows each peer's WireGuard session: starts the grace when both sides are ready
+    /// without one, reports a peer past it (once), and its recovery.
+    fn watch_wireguard_sessions(&mut self, now: Instant) {
+        let Some(wg) = &self.wireguard else {
+            return;
+        };
+        let mut failing = 0u64;
+        for (name, st) in &mut self.peers {
+            let both_ready = wg.ready() && st.refused.is_none() && st.wg.is_some_and(|a| a.ready);
+            let live = st.wg.is_some_and(|a| wg.peer_ready(&a.public_key));
+            if !both_ready || live {
+                if st.wg_failing_logged && live {
+                    info!(peer = %name, "mesh: WireGuard session with the peer established; its pods are reached encrypted again");
+                }
+                st.wg_waiting_since = None;
+                st.wg_failing_logged = false;
+                continue;
+            }
+            let since = *st.wg_waiting_since.get_or_insert(now);
+            if now.duration_since(since) >= WG_SESSION_GRACE {
+                failing += 1;
+                if !st.wg_failing_logged {
+                    let port = st.wg.map_or(0, |a| a.port);
+                    error!(peer = %name, udp_port = port, waited_s = now.duration_since(since).as_secs(), "mesh: no WireGuard session with the peer although both sides have encryption ready: is UDP port {port} open between the nodes? Its pods are not reached in plaintext; a relay carries them if one can, otherwise they are unreachable from here");
+                    st.wg_failing_logged = true;
+                }
+            }
+        }
+        self.shared
+            .wireguard_failing_peers
+            .store(failing, Ordering::Relaxed);
+    }
+
     /// Whether this node sends to `peer` over WireGuard (mixed mode: both ready, and the
-    /// device has completed a handshake with it).
+    /// device has a live session with it; or, past `WG_SESSION_GRACE` without one, still
+    /// the tunnel: never plaintext to a peer that has encryption on).
     fn wg_ready(&self, peer: &str) -> bool {
         let Some(wg) = &self.wireguard else {
             return false;
@@ -947,7 +1009,11 @@ impl Mesh {
             return false;
         };
         let Some(adv) = st.wg else { return false };
-        wg.ready() && adv.ready && st.refused.is_none() && wg.peer_ready(&adv.public_key)
+        let session = wg.peer_ready(&adv.public_key)
+            || st
+                .wg_waiting_since
+                .is_some_and(|t| t.elapsed() >= WG_SESSION_GRACE);
+        wg.ready() && adv.ready && st.refused.is_none() && session
     }
 
     fn routes(&self) -> BTreeMap<String, PeerRoute> {
@@ -1119,6 +1185,16 @@ impl Mesh {
                     wireguard_handshake_age_seconds: adv
                         .and_then(|a| wg.and_then(|w| w.handshake_age(&a.public_key))),
                     probe_rtt_ms: st.and_then(|s| s.rtt).map(|d| d.as_secs_f64() * 1000.0),
+                    wireguard_problem: st
+                        .and_then(|s| s.wg_waiting_since)
+                        .filter(|t| t.elapsed() >= WG_SESSION_GRACE)
+                        .map(|t| {
+                            format!(
+                                "no WireGuard session for {} s (UDP port {} blocked?)",
+                                t.elapsed().as_secs(),
+                                adv.map_or(0, |a| a.port)
+                            )
+                        }),
                 }
             })
             .collect();

@@ -12,6 +12,9 @@ use weft_mesh::wg::{DeviceConfig, DeviceStatus, decode_key, encode_key};
 
 use super::WireguardBackend;
 
+/// WireGuard's Reject-After-Time: a session this old carries no more data.
+const REJECT_AFTER_MS: u64 = 180_000;
+
 /// This node's WireGuard device, as the agent drives it.
 pub(super) struct Wireguard {
     pub(super) backend: WireguardBackend,
@@ -192,10 +195,13 @@ impl Wireguard {
     pub(super) fn peer_ready(&self, key: &[u8; 32]) -> bool {
         match self.backend {
             WireguardBackend::Kernel => self.ready(),
+            // A session is usable until WireGuard's Reject-After-Time (180 s after its
+            // handshake); a healthy peer rekeys every 2 minutes (keepalives every 25 s).
             WireguardBackend::Userspace => self.status.as_ref().is_some_and(|s| {
-                s.peers
-                    .iter()
-                    .any(|p| &p.public_key == key && p.handshake_age_ms.is_some())
+                s.peers.iter().any(|p| {
+                    &p.public_key == key
+                        && p.handshake_age_ms.is_some_and(|ms| ms < REJECT_AFTER_MS)
+                })
             }),
         }
     }

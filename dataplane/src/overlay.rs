@@ -658,13 +658,37 @@ impl Overlay {
                 .execute()
                 .await
                 .map_err(nl_err(what)),
-            Entry::Route { cidr, via } => handle
-                .route()
-                .add(self.route_message(*cidr, *via))
-                .replace()
-                .execute()
-                .await
-                .map_err(nl_err(what)),
+            Entry::Route { cidr, via } => {
+                let add = || {
+                    handle
+                        .route()
+                        .add(self.route_message(*cidr, *via))
+                        .replace()
+                        .execute()
+                };
+                match add().await {
+                    // IPv6 checks an onlink gateway against the table as it is: while the
+                    // CIDR is still routed through another device (`dev wgweft`, a peer
+                    // leaving WireGuard), the gateway (inside that CIDR) resolves there and
+                    // the kernel refuses with EINVAL. The old route goes first, then; the
+                    // prefix is unrouted for one netlink round trip.
+                    Err(e) if cidr.addr().is_ipv6() && nl::errno(&e) == Some(libc::EINVAL) => {
+                        let only_prefix = match cidr {
+                            IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+                                .destination_prefix(n.network(), n.prefix_len())
+                                .build(),
+                            IpNet::V4(_) => unreachable!("checked: IPv6"),
+                        };
+                        match handle.route().del(only_prefix).execute().await {
+                            Ok(()) => {}
+                            Err(e) if nl::is_not_found(&e) => {}
+                            Err(e) => return Err(nl_err(format!("{what} (old route first)"))(e)),
+                        }
+                        add().await.map_err(nl_err(what))
+                    }
+                    other => other.map_err(nl_err(what)),
+                }
+            }
             Entry::WgRoute { .. } | Entry::Unreachable { .. } => handle
                 .route()
                 .add(self.other_route_message(entry)?)

@@ -206,3 +206,100 @@ fn pods_on_three_nodes_talk_over_vxlan_and_removing_a_node_removes_only_its_rout
     );
     assert!(ping(&p1a, ip("10.244.3.2")) && udp_echo(&p1a, ip("fd00:10:244:3::2"), 7000));
 }
+
+/// A peer moving between `wgweft` and VXLAN (encryption switched off on its side, or a relay
+/// over plain VXLAN): the routes of both families follow, read back with `ip -j`. IPv6 checks
+/// an onlink gateway against the routes in place (the gateway sits inside the CIDR still
+/// routed through `wgweft`), which the overlay has to handle.
+#[test]
+fn a_peer_moves_from_wireguard_to_vxlan_and_back_in_both_families() {
+    use std::collections::BTreeMap;
+    use weft_dataplane::overlay::PeerRoute;
+    if !can_run() {
+        return;
+    }
+    let ns = Netns::new("wgsw");
+    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+    ns.ip(&["link", "set", "eth0p", "up"]);
+    ns.ip(&["addr", "add", "198.18.0.1/15", "dev", "eth0"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    // A TUN device in place of weft-wg's (no process behind it: only its name and index
+    // matter to the routes).
+    ns.ip(&["tuntap", "add", "dev", "wgweft", "mode", "tun"]);
+    ns.ip(&["link", "set", "wgweft", "up"]);
+    let cidrs: Vec<IpNet> = remote(1).pod_cidrs;
+    let config = OverlayConfig::new(
+        remote(1).underlay_ip,
+        PodCidrs::from_list(&cidrs).expect("cidrs"),
+    );
+    let overlay = ns
+        .netlink(move |h| async move { Overlay::ensure(&h, config).await })
+        .expect("overlay");
+    let mut node = Node {
+        ns,
+        overlay: Some(overlay),
+    };
+    let routes_of = |node: &Node| -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for fam in ["-4", "-6"] {
+            let text = node.ns.ip(&[fam, "-j", "route", "show"]);
+            let v: serde_json::Value = serde_json::from_str(&text).expect("ip -j route");
+            for r in v.as_array().expect("array") {
+                let dst = r["dst"].as_str().unwrap_or("").to_string();
+                if dst.starts_with("10.244.2.") || dst.starts_with("fd00:10:244:2::") {
+                    out.push((
+                        dst,
+                        r["dev"].as_str().unwrap_or("").to_string(),
+                        r["gateway"].as_str().unwrap_or("").to_string(),
+                    ));
+                }
+            }
+        }
+        out.sort();
+        out
+    };
+    let mut sync = |node: &mut Node, route: PeerRoute| -> SyncReport {
+        let routes: BTreeMap<String, PeerRoute> = [("n2".to_string(), route)].into();
+        let mut ov = node.overlay.take().expect("overlay");
+        let (ov, report) = node.ns.netlink(move |h| async move {
+            let r = ov.sync_routes(&h, &[remote(2)], &routes).await;
+            (ov, r)
+        });
+        node.overlay = Some(ov);
+        report
+    };
+    let over_wg = vec![
+        (
+            "10.244.2.0/24".to_string(),
+            "wgweft".to_string(),
+            String::new(),
+        ),
+        (
+            "fd00:10:244:2::/64".to_string(),
+            "wgweft".to_string(),
+            String::new(),
+        ),
+    ];
+    let over_vxlan = vec![
+        (
+            "10.244.2.0/24".to_string(),
+            "vxweft".to_string(),
+            "10.244.2.1".to_string(),
+        ),
+        (
+            "fd00:10:244:2::/64".to_string(),
+            "vxweft".to_string(),
+            "fd00:10:244:2::1".to_string(),
+        ),
+    ];
+    for (step, route, want) in [
+        ("start on WireGuard", PeerRoute::Wireguard, &over_wg),
+        ("to VXLAN", PeerRoute::Vxlan, &over_vxlan),
+        ("back to WireGuard", PeerRoute::Wireguard, &over_wg),
+        ("to VXLAN again", PeerRoute::Vxlan, &over_vxlan),
+    ] {
+        let report = sync(&mut node, route);
+        assert!(report.failed.is_empty(), "{step}: {report:?}");
+        assert_eq!(&routes_of(&node), want, "{step}");
+    }
+}

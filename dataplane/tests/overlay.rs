@@ -258,7 +258,7 @@ fn a_peer_moves_from_wireguard_to_vxlan_and_back_in_both_families() {
         out.sort();
         out
     };
-    let mut sync = |node: &mut Node, route: PeerRoute| -> SyncReport {
+    let sync = |node: &mut Node, route: PeerRoute| -> SyncReport {
         let routes: BTreeMap<String, PeerRoute> = [("n2".to_string(), route)].into();
         let mut ov = node.overlay.take().expect("overlay");
         let (ov, report) = node.ns.netlink(move |h| async move {

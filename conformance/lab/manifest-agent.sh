@@ -21,6 +21,14 @@
 #      /etc/cni/net.d -> NODE_DIR/net.d, /opt/cni/bin -> NODE_DIR/cni-bin (filled by running
 #      the manifest's install-cni initContainer command), the rest (/var/run/netns,
 #      /dev/net/tun) the machine's own;
+#      every secret volume as the kubelet makes it: the Secret read from the API at each start
+#      (with the lab's admin kubectl that `prepare` recorded; a kubelet uses its node identity),
+#      each key (or the `items` chosen) a file with defaultMode (or the item's mode) in
+#      NODE_DIR.kubelet/<volume> (NODE_DIR.kubelet is 0700; the kubelet's layout: the files
+#      are links into ..data, a link to the current copy), bound read-only at its mountPath;
+#      `optional: true` and no Secret: an empty directory; a missing Secret that is not
+#      optional: an error, the agent does not start. The API unreachable at a restart: the
+#      copy of the last start is kept (a kubelet keeps the pod's volume), if there is one;
 #   3. the image's binaries at their image paths (/usr/local/bin/weft, weft-cni) on a tmpfs;
 #   4. the ServiceAccount token, CA and namespace at /var/run/secrets/kubernetes.io/
 #      serviceaccount, and KUBERNETES_SERVICE_HOST/PORT set to the API server's address (a
@@ -35,7 +43,7 @@
 #   7. exec command + args (with `$(VAR)` expanded from that env) + EXTRA_AGENT_ARGS (the lab's
 #      test knobs, e.g. a short stall timeout; printed so nothing is hidden).
 #
-# Mount points the kubelet would create for the agent (/run/weft, /var/lib/weft,
+# Mount points the kubelet would create for the agent (/run/weft, /var/lib/weft, /etc/weft/mesh,
 # /var/run/secrets/...) are made on the machine if missing (empty directories); the init
 # container's (/host/...) exist only in its own overlay.
 #
@@ -56,6 +64,8 @@ cmd_prepare() { # DIR KUBECTL...
   "$@" -n kube-system create token weft --duration=48h >"$m/sa/token"
   printf kube-system >"$m/sa/namespace"
   chmod 600 "$m/sa/token"
+  # The kubelet's API access, for secret volumes at `run`.
+  printf '%q ' "$@" >"$m/kubectl"
 }
 
 container() { jq -c '.spec.template.spec.containers[] | select(.name == "agent")' "$M/daemonset.json"; }
@@ -75,6 +85,7 @@ cmd_inside() {
   local c spec host_ip
   c=$(container)
   spec=$(jq -c '.spec.template.spec' "$M/daemonset.json")
+  POD_NS=$(jq -r '.metadata.namespace // "default"' "$M/daemonset.json")
   host_ip=$(ip -j -4 addr show scope global | jq -r '[.[].addr_info[]?.local][0] // empty')
   mkdir -p "$NODE_DIR/net.d" "$NODE_DIR/cni-bin"
 
@@ -95,11 +106,76 @@ cmd_inside() {
       *) echo "$1" ;;
     esac
   }
+  # A secret volume's files, as the kubelet writes them, in VOLUME_DIR (the directory to bind).
+  secret_volume() { # volume-JSON
+    local vol=$1 name sname optional dir secret files key path mode
+    name=$(jq -r .name <<<"$vol")
+    sname=$(jq -r .secret.secretName <<<"$vol")
+    optional=$(jq -r '.secret.optional // false' <<<"$vol")
+    dir=${NODE_DIR%/}.kubelet/$name
+    VOLUME_DIR=$dir
+    mkdir -p "$dir"
+    chmod 0700 "$(dirname "$dir")"
+    chmod 0755 "$dir"
+    [[ -s $M/kubectl ]] || die "volume $name: no $M/kubectl: run 'prepare' again"
+    local -a kubectl
+    eval "kubectl=($(cat "$M/kubectl"))"
+    if ! secret=$("${kubectl[@]}" -n "$POD_NS" get secret "$sname" -o json --ignore-not-found </dev/null); then
+      [[ -L $dir/..data ]] || die "volume $name: cannot read the Secret $POD_NS/$sname from the API (and no earlier copy)"
+      echo "manifest-agent: volume $name: the API does not answer; the copy of the last start stays" >&2
+      return 0
+    fi
+    if [[ -z $secret ]]; then
+      [[ $optional == true ]] || die "volume $name: the Secret $POD_NS/$sname does not exist and the volume is not optional (a kubelet would not start the pod)"
+      secret='{}'
+    fi
+    # key <TAB> path <TAB> mode (decimal, as the API stores it) for every file of the volume:
+    # the items chosen (a missing key skipped only when optional), else every key.
+    files=$(jq -r --argjson vol "$vol" '
+      (.data // {}) as $d | ($vol.secret.defaultMode // 420) as $mode
+      | if $vol.secret.items then $vol.secret.items[]
+          | select($d[.key] != null or ($vol.secret.optional // false | not))
+          | [.key, .path, (.mode // $mode)]
+        else $d | keys[] | [., ., $mode] end
+      | @tsv' <<<"$secret")
+    # A new copy, then ..data switched to it; the top-level names are links through ..data.
+    local copy
+    copy=..$(date +%Y_%m_%d_%H_%M_%S.%N)
+    mkdir -m 0755 "$dir/$copy"
+    while IFS=$'\t' read -r key path mode; do
+      [[ -n $key ]] || continue
+      [[ $(jq --arg k "$key" '.data[$k] != null' <<<"$secret") == true ]] ||
+        die "volume $name: the Secret $POD_NS/$sname has no key $key (named in items; not optional)"
+      mkdir -p "$(dirname "$dir/$copy/$path")"
+      jq -r --arg k "$key" '.data[$k]' <<<"$secret" | base64 -d >"$dir/$copy/$path"
+      chmod "$(printf '%o' "$mode")" "$dir/$copy/$path"
+    done <<<"$files"
+    ln -sfn "$copy" "$dir/..data_tmp"
+    mv -T "$dir/..data_tmp" "$dir/..data"
+    local old
+    for old in "$dir"/* "$dir"/..[0-9]*; do
+      [[ -e $old || -L $old ]] || continue
+      [[ $old == "$dir/$copy" ]] || rm -rf "$old"
+    done
+    for path in "$dir/$copy"/*; do
+      [[ -e $path ]] && ln -s "..data/${path##*/}" "$dir/${path##*/}"
+    done
+    return 0
+  }
   mount_volumes() { # container-JSON [root]
-    local name mpath hpath src root=${2:-}
+    local name mpath vol hpath src root=${2:-}
     while IFS=$'\t' read -r name mpath; do
-      hpath=$(jq -r --arg n "$name" '.volumes[] | select(.name == $n) | .hostPath.path // empty' <<<"$spec")
-      [[ -n $hpath ]] || die "volume $name is not a hostPath: the lab cannot provide it"
+      vol=$(jq -c --arg n "$name" '.volumes[] | select(.name == $n)' <<<"$spec")
+      if [[ $(jq -r 'has("secret")' <<<"$vol") == true ]]; then
+        secret_volume "$vol"
+        mpath=$root$mpath
+        mkdir -p "$mpath"
+        mount --bind "$VOLUME_DIR" "$mpath"
+        mount -o remount,bind,ro "$mpath"
+        continue
+      fi
+      hpath=$(jq -r '.hostPath.path // empty' <<<"$vol")
+      [[ -n $hpath ]] || die "volume $name is neither a hostPath nor a secret: the lab cannot provide it"
       src=$(host_path "$hpath")
       [[ -e $src ]] || die "volume $name: $src does not exist"
       # The machine's own path at the same place: already visible (slave propagation).

@@ -199,12 +199,17 @@ struct AgentArgs {
     #[arg(long, default_value_t = 300)]
     cleanup_min_age: u64,
     /// The node mesh: authenticated control connections to every node, path health and
-    /// relay, WireGuard keys. Off unless given: the file holds the cluster secret (a mounted
-    /// Kubernetes Secret; every node the same). Empty: off.
+    /// relay, WireGuard keys. The file holds the cluster secret (every node the same); the
+    /// DaemonSet mounts the optional Secret `kube-system/weft-mesh` and names its file here.
+    /// Read once at start. The file absent: the mesh is off (a warning), or with
+    /// `--encryption on` the agent refuses to start (exit 2); empty or unreadable: refuses.
+    /// Not given (or given empty): the mesh is off.
     #[arg(long, env = "WEFT_MESH_SECRET_FILE")]
     mesh_secret_file: Option<PathBuf>,
-    /// The cluster secret itself, from the environment only (the DaemonSet sets it from the
-    /// Secret `weft-mesh`); `--mesh-secret-file` wins when both are given. Empty: off.
+    /// The cluster secret itself, from the environment only: for an agent run outside
+    /// Kubernetes (a systemd unit's EnvironmentFile and the like). The DaemonSet does not use
+    /// it: a mounted file keeps the value out of the pod spec and the process environment.
+    /// `--mesh-secret-file` wins when both are given. Empty: not given.
     #[arg(skip = std::env::var("WEFT_MESH_SECRET").ok().filter(|s| !s.is_empty()))]
     mesh_secret: Option<String>,
     /// TCP port of the mesh's control connections (the same on every node).
@@ -395,36 +400,9 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             }
         }
     };
-    let secret = match (
-        args.mesh_secret_file.filter(|p| !p.as_os_str().is_empty()),
-        args.mesh_secret,
-    ) {
-        (Some(file), _) => Some(agent::mesh::MeshSecret::File(file)),
-        (None, Some(value)) => Some(agent::mesh::MeshSecret::Value(value)),
-        (None, None) => None,
-    };
-    let mesh = match secret {
-        Some(secret) => Some(agent::mesh::MeshConfig {
-            node: args.node.clone(),
-            secret,
-            port: args.mesh_port,
-            listen_ip: args.underlay_ip,
-            state_dir: args.state_dir.clone(),
-            encryption: args.encryption == "on",
-            wg_port: args.wireguard_port,
-            backend: match args.wireguard.as_str() {
-                "userspace" => agent::mesh::WireguardBackend::Userspace,
-                "kernel" => agent::mesh::WireguardBackend::Kernel,
-                _ => agent::mesh::WireguardBackend::detect(),
-            },
-        }),
-        None if args.encryption == "on" => {
-            eprintln!(
-                "weft agent: --encryption on needs the mesh: give --mesh-secret-file (or WEFT_MESH_SECRET)"
-            );
-            return ExitCode::from(2);
-        }
-        None => None,
+    let mesh = match mesh_config(&args) {
+        Ok(mesh) => mesh,
+        Err(code) => return code,
     };
     let cfg = agent::AgentConfig {
         node: args.node,
@@ -466,8 +444,160 @@ fn run_agent(args: AgentArgs) -> ExitCode {
     }
 }
 
+/// The mesh's settings, from where the cluster secret is ([`mesh_start`] decides): `None`
+/// when it is off (logged if it was asked for), `Err` with the exit code when the agent must
+/// not start (the reason printed).
+fn mesh_config(args: &AgentArgs) -> Result<Option<agent::mesh::MeshConfig>, ExitCode> {
+    let encryption = args.encryption == "on";
+    let source = match args
+        .mesh_secret_file
+        .clone()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        Some(file) => {
+            let read = std::fs::read(&file);
+            judge_secret_file(file, read)
+        }
+        None => match args.mesh_secret.clone() {
+            Some(value) => SecretSource::Value(value),
+            None => SecretSource::NotGiven,
+        },
+    };
+    let secret = match mesh_start(source, encryption) {
+        MeshStart::On(secret) => {
+            if let agent::mesh::MeshSecret::File(file) = &secret {
+                tracing::info!(file = %file.display(), "mesh: the cluster secret is read from the file");
+            }
+            secret
+        }
+        MeshStart::Off => return Ok(None),
+        MeshStart::OffWithoutSecret(file) => {
+            tracing::warn!(
+                file = %file.display(),
+                "mesh off: the cluster secret file {} does not exist (the DaemonSet mounts the optional Secret kube-system/weft-mesh there): create it with `{CREATE_SECRET}`, then restart the agents (`kubectl -n kube-system rollout restart daemonset weft`)",
+                file.display()
+            );
+            return Ok(None);
+        }
+        MeshStart::Refuse(why) => {
+            eprintln!("weft agent: {why}");
+            return Err(ExitCode::from(2));
+        }
+    };
+    Ok(Some(agent::mesh::MeshConfig {
+        node: args.node.clone(),
+        secret,
+        port: args.mesh_port,
+        listen_ip: args.underlay_ip,
+        state_dir: args.state_dir.clone(),
+        encryption,
+        wg_port: args.wireguard_port,
+        backend: match args.wireguard.as_str() {
+            "userspace" => agent::mesh::WireguardBackend::Userspace,
+            "kernel" => agent::mesh::WireguardBackend::Kernel,
+            _ => agent::mesh::WireguardBackend::detect(),
+        },
+    }))
+}
+
+/// How to create the cluster secret in a cluster (the DaemonSet mounts it as a file).
+const CREATE_SECRET: &str = "kubectl -n kube-system create secret generic weft-mesh --from-literal=secret=\"$(head -c 32 /dev/urandom | base64)\"";
+
+/// Where the agent found the cluster secret, read once at start-up (a Secret created later
+/// takes effect when the agents restart).
+#[derive(PartialEq, Eq)]
+enum SecretSource {
+    /// Neither `--mesh-secret-file` nor `WEFT_MESH_SECRET`.
+    NotGiven,
+    /// `--mesh-secret-file` names no file: in Kubernetes, the optional Secret is not created.
+    Absent(PathBuf),
+    /// The file is there but holds no usable secret (unreadable, a directory, empty).
+    Unusable { file: PathBuf, why: String },
+    /// A readable file with a secret in it.
+    File(PathBuf),
+    /// `WEFT_MESH_SECRET`.
+    Value(String),
+}
+
+/// The secret's value never appears in a test failure or a log.
+impl std::fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::NotGiven => f.write_str("NotGiven"),
+            SecretSource::Absent(p) => write!(f, "Absent({})", p.display()),
+            SecretSource::Unusable { file, why } => {
+                write!(f, "Unusable({}: {why})", file.display())
+            }
+            SecretSource::File(p) => write!(f, "File({})", p.display()),
+            SecretSource::Value(_) => f.write_str("Value(hidden)"),
+        }
+    }
+}
+
+/// Judges what reading `--mesh-secret-file` gave: `NotFound` is the Secret not created;
+/// another error, or a secret the mesh would refuse as empty, is a file that cannot serve.
+fn judge_secret_file(file: PathBuf, read: std::io::Result<Vec<u8>>) -> SecretSource {
+    match read {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => SecretSource::Absent(file),
+        Err(e) => SecretSource::Unusable {
+            file,
+            why: e.to_string(),
+        },
+        // The mesh's own rule (one trailing newline ignored, nothing left refused).
+        Ok(bytes) => match weft_mesh::ClusterKeys::from_secret(&bytes) {
+            Ok(_) => SecretSource::File(file),
+            Err(e) => SecretSource::Unusable {
+                file,
+                why: e.to_string(),
+            },
+        },
+    }
+}
+
+/// What the agent does about the mesh at start-up.
+#[derive(Debug)]
+enum MeshStart {
+    /// The mesh runs with this secret.
+    On(agent::mesh::MeshSecret),
+    /// Not asked for.
+    Off,
+    /// Asked for, but the secret's file does not exist: off, with a warning naming the file.
+    OffWithoutSecret(PathBuf),
+    /// The agent must not start: exit 2 with this line.
+    Refuse(String),
+}
+
+/// The mesh on, off or a refusal, from where the secret was found and `--encryption`.
+/// Encryption needs the mesh: without a secret the agent refuses rather than sending pod
+/// traffic in the clear that the operator asked to encrypt.
+fn mesh_start(source: SecretSource, encryption: bool) -> MeshStart {
+    use agent::mesh::MeshSecret;
+    match source {
+        SecretSource::File(file) => MeshStart::On(MeshSecret::File(file)),
+        SecretSource::Value(value) => MeshStart::On(MeshSecret::Value(value)),
+        // There but broken: a configuration to fix, not the optional Secret left out.
+        SecretSource::Unusable { file, why } => MeshStart::Refuse(format!(
+            "the cluster secret file {} cannot be used ({why}): it must be readable and hold the secret, 32 random bytes (in Kubernetes: the key `secret` of the Secret kube-system/weft-mesh; delete it and create it again with `{CREATE_SECRET}`)",
+            file.display()
+        )),
+        SecretSource::Absent(file) if encryption => MeshStart::Refuse(format!(
+            "--encryption on needs the mesh, and the cluster secret file {} does not exist: create the Secret with `{CREATE_SECRET}` (the DaemonSet mounts kube-system/weft-mesh there), or set encryption off",
+            file.display()
+        )),
+        SecretSource::Absent(file) => MeshStart::OffWithoutSecret(file),
+        SecretSource::NotGiven if encryption => MeshStart::Refuse(
+            "--encryption on needs the mesh: give --mesh-secret-file (or WEFT_MESH_SECRET)".into(),
+        ),
+        SecretSource::NotGiven => MeshStart::Off,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::{MeshStart, SecretSource, judge_secret_file, mesh_start};
+    use std::io::{Error, ErrorKind};
+    use std::path::PathBuf;
+
     #[test]
     fn the_version_names_the_current_schema() {
         use clap::CommandFactory as _;
@@ -479,5 +609,96 @@ mod tests {
             .to_string();
         assert!(shown.ends_with(&want), "{shown}");
         assert_eq!(shown, super::VERSION.as_str());
+    }
+
+    const FILE: &str = "/etc/weft/mesh/secret";
+
+    fn judged(read: std::io::Result<&[u8]>) -> SecretSource {
+        judge_secret_file(PathBuf::from(FILE), read.map(<[u8]>::to_vec))
+    }
+
+    #[test]
+    fn the_secret_file_is_judged_by_what_reading_it_gave() {
+        assert_eq!(
+            judged(Ok(b"c2VjcmV0LXNlY3JldC1zZWNyZXQK\n")),
+            SecretSource::File(FILE.into())
+        );
+        assert_eq!(
+            judged(Err(Error::from(ErrorKind::NotFound))),
+            SecretSource::Absent(FILE.into())
+        );
+        for (read, why) in [
+            (Ok(&b""[..]), "empty"),
+            (Ok(&b"\n"[..]), "empty"),
+            (Err(Error::from(ErrorKind::PermissionDenied)), "denied"),
+            (Err(Error::from(ErrorKind::IsADirectory)), "directory"),
+        ] {
+            match judged(read) {
+                SecretSource::Unusable { file, why: got } => {
+                    assert_eq!(file, PathBuf::from(FILE));
+                    assert!(got.contains(why), "{got:?} should say {why:?}");
+                }
+                other => panic!("{other:?} for {why}"),
+            }
+        }
+    }
+
+    /// (source, encryption) -> what the agent does; the refusals say what to do.
+    #[test]
+    fn the_mesh_starts_stays_off_or_the_agent_refuses() {
+        let absent = || SecretSource::Absent(FILE.into());
+        let empty = || SecretSource::Unusable {
+            file: FILE.into(),
+            why: "the cluster secret is empty".into(),
+        };
+        for encryption in [false, true] {
+            let on = mesh_start(SecretSource::File(FILE.into()), encryption);
+            assert!(
+                matches!(&on, MeshStart::On(super::agent::mesh::MeshSecret::File(f)) if f.as_os_str() == FILE),
+                "{on:?}"
+            );
+            let on = mesh_start(SecretSource::Value("s3cret".into()), encryption);
+            assert!(
+                matches!(&on, MeshStart::On(super::agent::mesh::MeshSecret::Value(v)) if v == "s3cret"),
+                "{on:?}"
+            );
+            match mesh_start(empty(), encryption) {
+                MeshStart::Refuse(line) => {
+                    assert!(line.contains(FILE) && line.contains("empty"), "{line}");
+                    assert!(line.contains("create secret generic weft-mesh"), "{line}");
+                    assert!(!line.contains('\n'), "one line: {line}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            mesh_start(SecretSource::NotGiven, false),
+            MeshStart::Off
+        ));
+        assert!(matches!(
+            mesh_start(absent(), false),
+            MeshStart::OffWithoutSecret(f) if f.as_os_str() == FILE
+        ));
+        match mesh_start(absent(), true) {
+            MeshStart::Refuse(line) => {
+                assert!(line.contains(FILE), "{line}");
+                assert!(
+                    line.contains("kubectl -n kube-system create secret generic weft-mesh"),
+                    "{line}"
+                );
+                assert!(!line.contains('\n'), "one line: {line}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            mesh_start(SecretSource::NotGiven, true),
+            MeshStart::Refuse(line) if line.contains("--mesh-secret-file")
+        ));
+    }
+
+    #[test]
+    fn a_secret_given_as_a_value_is_not_shown_in_debug_output() {
+        let shown = format!("{:?}", SecretSource::Value("s3cret".into()));
+        assert!(!shown.contains("s3cret"), "{shown}");
     }
 }

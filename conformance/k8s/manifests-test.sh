@@ -2,7 +2,9 @@
 # manifests/ against a real kube-apiserver: server-side dry run and a real apply of the
 # kustomization; the RBAC is the least the agent needs (can-i checks both ways); and the
 # agent, started with the DaemonSet's own args and the ConfigMap's values, under the
-# ServiceAccount's token (nothing else), lists every kind and becomes ready.
+# ServiceAccount's token (nothing else), lists every kind and becomes ready. The mesh's cluster
+# secret is the optional Secret weft-mesh mounted as a file (no env value); without the Secret
+# the agent runs with the mesh off and says so, and with encryption on it refuses (exit 2).
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -46,22 +48,40 @@ users: [{name: weft, user: {token: "$token"}}]
 contexts: [{name: c, context: {cluster: c, user: weft}}]
 current-context: c
 KC
-mapfile -t args < <(kc -n kube-system get daemonset weft -o json | jq -r '.spec.template.spec.containers[0].args[]')
+kc -n kube-system get daemonset weft -o json >"$DIR/daemonset.json"
+# The cluster secret: a secret volume of the optional Secret weft-mesh, 0400, mounted read-only
+# where the agent's --mesh-secret-file points; never an env value.
+secret_volume() {
+  jq -e '.spec.template.spec as $s | ($s.containers[] | select(.name == "agent")) as $c
+    | ($s.volumes[] | select(.secret.secretName == "weft-mesh")) as $v
+    | $v.secret.optional == true and $v.secret.defaultMode == 256
+    and ([$c.volumeMounts[] | select(.name == $v.name and .readOnly == true) | .mountPath] as $m
+      | $m | length == 1 and ($c.args | any(startswith("--mesh-secret-file=" + $m[0] + "/"))))' \
+    "$DIR/daemonset.json" >/dev/null
+}
+check secret_volume
+no_secret_env() { jq -e '[.spec.template.spec.containers[] | .env[]? | select(.name == "WEFT_MESH_SECRET" or .valueFrom.secretKeyRef)] | length == 0' "$DIR/daemonset.json" >/dev/null; }
+check no_secret_env
+mapfile -t args < <(jq -r '.spec.template.spec.containers[0].args[]' "$DIR/daemonset.json")
 declare -A cm
 while IFS='=' read -r k v; do cm[$k]=$v; done < <(kc -n kube-system get configmap weft-config -o json | jq -r '.data | to_entries[] | "\(.key)=\(.value)"')
-final=()
+final=() SECRET_FILE=$DIR/mesh/secret
 for a in "${args[@]}"; do
   for k in "${!cm[@]}"; do a=${a//\$($k)/${cm[$k]}}; done
   case $a in
     --socket=*) a="--socket=$DIR/agent.sock" ;;           # the host path is the node's, not ours
     --metrics-addr=*) a="--metrics-addr=127.0.0.1:16784" ;;
     --state-dir=*) a="--state-dir=$DIR/state" ;;
+    # The volume's directory on this "node": empty, as the kubelet leaves it without the Secret.
+    --mesh-secret-file=*) mkdir -p "$DIR/mesh"; a="--mesh-secret-file=$DIR/mesh/${a##*/}"; SECRET_FILE=${a#*=} ;;
   esac
   final+=("$a")
 done
 echo "agent args from the DaemonSet: ${final[*]}"
 args_resolved() { ! grep -q '\$(' <<<"${final[*]}"; }
 check args_resolved
+no_secret_in_api() { [[ -z $(kc -n kube-system get secret weft-mesh --ignore-not-found -o name) ]]; }
+check no_secret_in_api
 ip netns exec weft-mt-host env WEFT_NODE_NAME=mt-node KUBECONFIG="$DIR/sa.kubeconfig" \
   "$WEFT" "${final[@]}" --dry-run >"$DIR/agent.log" 2>&1 &
 agent_pid=$!
@@ -76,5 +96,30 @@ ready() {
 check ready
 no_forbidden() { ! grep -qi forbidden "$DIR/agent.log"; }
 check no_forbidden
+# No Secret: the mesh is off (/debug/mesh: 404 "mesh off"), one warning naming the file and
+# how to create the Secret.
+mesh_off_warned() {
+  [[ $(grep -cF "mesh off: the cluster secret file $SECRET_FILE does not exist" "$DIR/agent.log") == 1 ]] &&
+    grep -qF "kubectl -n kube-system create secret generic weft-mesh" "$DIR/agent.log" &&
+    ip netns exec weft-mt-host curl -s http://127.0.0.1:16784/debug/mesh | grep -q "mesh off" ||
+    { grep -i mesh "$DIR/agent.log"; ip netns exec weft-mt-host curl -s http://127.0.0.1:16784/debug/mesh; return 1; }
+}
+check mesh_off_warned
+# With encryption on it needs the mesh: refused at start, exit 2, one line saying what to do.
+refuses() { # on|off expected-words... (the agent's one stderr line has them all)
+  local rc w encryption=$1; shift
+  ip netns exec weft-mt-host env WEFT_NODE_NAME=mt-node KUBECONFIG="$DIR/sa.kubeconfig" WEFT_ENCRYPTION="$encryption" \
+    timeout 20 "$WEFT" "${final[@]}" --dry-run --metrics-addr=127.0.0.1:16785 --socket="$DIR/agent2.sock" \
+    >"$DIR/refused.out" 2>"$DIR/refused.err"
+  rc=$?
+  [[ $rc == 2 ]] || { echo "exit $rc"; cat "$DIR/refused.err"; return 1; }
+  [[ $(wc -l <"$DIR/refused.err") == 1 ]] || { cat "$DIR/refused.err"; return 1; }
+  for w in "$@"; do grep -qF -- "$w" "$DIR/refused.err" || { cat "$DIR/refused.err"; return 1; }; done
+}
+check refuses on "$SECRET_FILE does not exist" "kubectl -n kube-system create secret generic weft-mesh"
+# An empty secret (the Secret created with nothing in its key): refused, encryption on or off.
+: >"$SECRET_FILE"
+check refuses off "$SECRET_FILE" "empty"
+rm -f "$SECRET_FILE"
 echo "manifests-test: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -72,25 +72,32 @@ start_agent() { # node-index argv...   (the argv is recorded for restart-agent)
 }
 
 # --- opt-in: the node mesh and encryption (issue 9) ---------------------------------------
-# WEFT_LAB_ENCRYPTION=1: every agent runs the mesh with encryption on (its flags go through
-# WEFT_AGENT_ARGS: --mesh-secret-file $DIR/mesh-secret --encryption on --wireguard userspace)
-# and one weft-wg per node namespace owns its wgweft (config $DIR/run/node<i>/wg/wgweft.conf,
-# written by the agent; log in $DIR/logs/weft-wg-node<i>.log). The cluster secret is
-# WEFT_LAB_SECRET_FILE's content (default: 32 random bytes). Called once per node, before the
-# node's agent starts; the first call also builds weft-wg. (The agent publishes its mesh
-# identity as an annotation on its own Node: manifests/rbac.yaml lets it patch Nodes.)
+# WEFT_LAB_ENCRYPTION=1: every agent runs the mesh with encryption on. The cluster secret goes
+# the DaemonSet's way: the lab creates the Secret kube-system/weft-mesh (key `secret`) in the
+# API and manifest-agent.sh mounts it, as a kubelet would, where the manifest's
+# --mesh-secret-file looks (no secret in any argv or environment). Its content is
+# WEFT_LAB_SECRET_FILE's (default: 32 random bytes); the lab keeps a copy in $DIR/mesh-secret
+# (0600) for tests. `--encryption on --wireguard userspace` go through WEFT_AGENT_ARGS, and one
+# weft-wg per node namespace owns its wgweft (config $DIR/run/node<i>/wg/wgweft.conf, written
+# by the agent; log in $DIR/logs/weft-wg-node<i>.log). Called once per node, before the node's
+# agent starts; the first call also builds weft-wg. (The agent publishes its mesh identity as
+# an annotation on its own Node: manifests/rbac.yaml lets it patch Nodes.)
 lab_encryption_node() { # node-index
   local i=$1 secret=$DIR/mesh-secret
   if [[ ! -s $secret ]]; then
-    log "encryption: building weft-wg; secret in $secret"
+    log "encryption: building weft-wg; the Secret kube-system/weft-mesh (a copy in $secret)"
     (cd "$REPO" && cargo build -q "${release[@]}" -p weft-mesh --bin weft-wg)
-    if [[ -n ${WEFT_LAB_SECRET_FILE:-} ]]; then
-      cp "$WEFT_LAB_SECRET_FILE" "$secret"
-    else
-      head -c 32 /dev/urandom | base64 >"$secret"
-    fi
+    (
+      umask 077
+      if [[ -n ${WEFT_LAB_SECRET_FILE:-} ]]; then
+        cp "$WEFT_LAB_SECRET_FILE" "$secret"
+      else
+        head -c 32 /dev/urandom | base64 >"$secret"
+      fi
+    )
     chmod 600 "$secret"
-    WEFT_AGENT_ARGS="${WEFT_AGENT_ARGS:-} --mesh-secret-file $secret --encryption on --wireguard userspace"
+    kc -n kube-system create secret generic weft-mesh --from-file=secret="$secret" >/dev/null
+    WEFT_AGENT_ARGS="${WEFT_AGENT_ARGS:-} --encryption on --wireguard userspace"
   fi
   mkdir -p "$DIR/run/node$i/wg"
   start_bg "weft-wg-node$i" "$(node_ns "$i")" "$TARGET/$PROFILE/weft-wg" run --config "$DIR/run/node$i/wg/wgweft.conf"

@@ -3,6 +3,10 @@
 # agent runs the mesh with --encryption on, one weft-wg per node), pods attached by the real
 # weft-cni, and checks against the kernel and the wire:
 #
+#   0. the cluster secret reaches each agent the DaemonSet's way: the lab created the Secret
+#      kube-system/weft-mesh, manifest-agent.sh mounted it (read-only, 0400) where the agent's
+#      --mesh-secret-file points, in the agent's own mount namespace only; the agent says it read
+#      the file; the value is in no agent's command line, environment or log
 #   1. every node authenticates every other, routes their podCIDRs over wgweft (ip -j route)
 #   2. pod <-> pod TCP across nodes works; an underlay capture (tcpdump on the lab's bridge)
 #      carries no plaintext of a marker sent between pods, while a capture on the receiving
@@ -17,9 +21,12 @@
 #   6. mixed mode: node3's agent restarted with --encryption off: the others route it over
 #      vxweft, the rest stays on wgweft, traffic flows both ways; blocked again, node3's route
 #      to node1 goes via node2's tunnel address (ip -j route), unblocked: direct again
-#   7. node3's agent restarted with a wrong cluster secret: refused by the others (log line,
+#   7. a wrong cluster secret on node3: the Secret replaced in the API and only node3's agent
+#      restarted (its volume gets the new value at its start; the others keep the secret they
+#      read at theirs: a rotation half rolled out): node3 refused by the others (log line,
 #      weft_mesh_refused_peers, handshake failures cluster_secret_mismatch), its podCIDR
-#      unreachable from them (route type unreachable), pods cut off; node1 <-> node2 unaffected
+#      unreachable from them (route type unreachable), pods cut off; node1 <-> node2
+#      unaffected; the Secret restored afterwards
 #   8. where the wireguard kernel module is loaded (not on this project's machines: the test
 #      says it skips): node1 switched to --wireguard kernel, encrypted traffic to node2
 #
@@ -80,6 +87,43 @@ if ! bash "$LAB" up 3 >"$T/up.log" 2>&1; then
   tail -30 "$T/up.log"; failed=1; finish
 fi
 for i in 1 2 3; do C[$i]=$(cidr4 "$i"); done
+
+# --- 0. the cluster secret: the Secret, mounted as a file ---------------------------------------
+agent_pid() { cat "$DIR/pids/agent-node$1.pid"; }
+# --mesh-secret-file's value on the agent's command line (the DaemonSet's arg).
+secret_file() { tr '\0' '\n' <"/proc/$(agent_pid "$1")/cmdline" | sed -n 's/^--mesh-secret-file=//p' | tail -1; }
+api_secret() { kc -n kube-system get secret weft-mesh -o json | jq -r '.data.secret' | base64 -d; }
+api_secret >"$T/secret-api"
+# What the agent's own mount namespace holds at that path.
+mounted_secret_is() { # node-index file
+  local f; f=$(secret_file "$1")
+  [[ -n $f ]] && cmp -s "/proc/$(agent_pid "$1")/root$f" "$2"
+}
+mounted_0400_read_only() {
+  local f pid; f=$(secret_file "$1"); pid=$(agent_pid "$1")
+  [[ $(stat -L -c %a "/proc/$pid/root$f") == 400 ]] &&
+    awk -v m="$(dirname "$f")" '$5 == m {print $6}' "/proc/$pid/mountinfo" | grep -q '^ro\(,\|$\)'
+}
+# The machine's (the test's) mount namespace has no such mount and no such file.
+not_in_root_mount_ns() { local f; f=$(secret_file 1); [[ ! -e $f ]] && ! awk -v m="$(dirname "$f")" '$5 == m {f = 1} END {exit !f}' /proc/self/mountinfo; }
+said_it_read_the_file() { grep -q "mesh: the cluster secret is read from the file" "$DIR/logs/agent-node$1.log"; }
+# The value is in no argv, environment or log of the agent (nor the argv the lab recorded).
+secret_not_exposed() {
+  local v pid; v=$(tr -d '\n' <"$T/secret-api"); pid=$(agent_pid "$1")
+  [[ ${#v} -ge 16 ]] || return 1
+  ! tr '\0' '\n' <"/proc/$pid/cmdline" | grep -qF -- "$v" &&
+    ! tr '\0' '\n' <"/proc/$pid/environ" | grep -qF -- "$v" &&
+    ! grep -qF -- "$v" "$DIR/run/node$1/agent.cmd" "$DIR/logs/agent-node$1.log"
+}
+lab_secret_is_the_apis() { cmp -s "$T/secret-api" "$DIR/mesh-secret"; }
+check lab_secret_is_the_apis
+for i in 1 2 3; do
+  check mounted_secret_is "$i" "$T/secret-api"
+  check mounted_0400_read_only "$i"
+  check said_it_read_the_file "$i"
+  check secret_not_exposed "$i"
+done
+check not_in_root_mount_ns
 
 # --- pods: API object, netns, weft-cni ADD, status ------------------------------------------
 kc create namespace mt >/dev/null
@@ -270,10 +314,14 @@ unblock
 check wait_until 40 route_gw 3 1 "$(tunnel4 1)"
 
 # --- 7. a wrong cluster secret ----------------------------------------------------------------
-log "node3's agent restarted with a wrong secret"
-head -c 32 /dev/urandom | base64 >"$DIR/mesh-secret-wrong"
-sed -i "s|$DIR/mesh-secret|$DIR/mesh-secret-wrong|" "$DIR/run/node3/agent.cmd"
+log "the Secret replaced in the API, only node3's agent restarted: node3 has a wrong secret"
+# The value goes through files and stdin only (no argv).
+set_secret() { kc -n kube-system get secret weft-mesh -o json | jq --rawfile s "$1" '.data.secret = ($s | @base64)' | kc replace -f - >/dev/null; }
+head -c 32 /dev/urandom | base64 >"$T/secret-wrong"
+set_secret "$T/secret-wrong"
 bash "$LAB" restart-agent 3 TERM 0 >/dev/null 2>&1
+check wait_until 20 mounted_secret_is 3 "$T/secret-wrong"
+check mounted_secret_is 1 "$T/secret-api"
 check wait_until 40 peer_is 1 3 state refused
 check wait_until 20 peer_is 2 3 state refused
 refused_metric() { [[ $(metrics 1 | awk '$1 == "weft_mesh_refused_peers" {print $2}') == 1 ]]; }
@@ -287,6 +335,10 @@ check logged
 check wait_until 10 route_type 1 3 unreachable
 check echo_fails a "$C"
 check echo_ok a "$B"
+# The rotation undone in the API (node3 keeps its wrong secret until its next start).
+set_secret "$T/secret-api"
+secret_restored() { api_secret | cmp -s - "$T/secret-api"; }
+check secret_restored
 
 # --- 8. the kernel WireGuard path, where the module exists -------------------------------------
 if [[ -d /sys/module/wireguard ]] && command -v wg >/dev/null; then

@@ -129,25 +129,25 @@ cmd_inside() {
       [[ $optional == true ]] || die "volume $name: the Secret $POD_NS/$sname does not exist and the volume is not optional (a kubelet would not start the pod)"
       secret='{}'
     fi
-    # key <TAB> path <TAB> mode (decimal, as the API stores it) for every file of the volume:
-    # the items chosen (a missing key skipped only when optional), else every key.
+    # key <TAB> path <TAB> mode (decimal, as the API stores it) <TAB> base64 value ("-": no
+    # such key) for every file of the volume: the items chosen (a missing key skipped only when
+    # optional), else every key.
     files=$(jq -r --argjson vol "$vol" '
       (.data // {}) as $d | ($vol.secret.defaultMode // 420) as $mode
       | if $vol.secret.items then $vol.secret.items[]
           | select($d[.key] != null or ($vol.secret.optional // false | not))
-          | [.key, .path, (.mode // $mode)]
-        else $d | keys[] | [., ., $mode] end
+          | [.key, .path, (.mode // $mode), ($d[.key] // "-")]
+        else $d | keys[] | [., ., $mode, $d[.]] end
       | @tsv' <<<"$secret")
     # A new copy, then ..data switched to it; the top-level names are links through ..data.
-    local copy
+    local copy value
     copy=..$(date +%Y_%m_%d_%H_%M_%S.%N)
     mkdir -m 0755 "$dir/$copy"
-    while IFS=$'\t' read -r key path mode; do
+    while IFS=$'\t' read -r key path mode value; do
       [[ -n $key ]] || continue
-      [[ $(jq --arg k "$key" '.data[$k] != null' <<<"$secret") == true ]] ||
-        die "volume $name: the Secret $POD_NS/$sname has no key $key (named in items; not optional)"
+      [[ $value != - ]] || die "volume $name: the Secret $POD_NS/$sname has no key $key (named in items; not optional)"
       mkdir -p "$(dirname "$dir/$copy/$path")"
-      jq -r --arg k "$key" '.data[$k]' <<<"$secret" | base64 -d >"$dir/$copy/$path"
+      base64 -d <<<"$value" >"$dir/$copy/$path"
       chmod "$(printf '%o' "$mode")" "$dir/$copy/$path"
     done <<<"$files"
     ln -sfn "$copy" "$dir/..data_tmp"

@@ -296,7 +296,7 @@ fn modes_line(m: &serde_json::Value) -> String {
 /// The mesh part of `weft status`: this node's side, then one line per peer.
 fn mesh_lines(m: &serde_json::Value) -> Vec<String> {
     if m.is_null() {
-        return vec!["mesh: off (no --mesh-secret-file)".into()];
+        return vec!["mesh: off (no cluster secret)".into()];
     }
     let e = &m["encryption"];
     let encryption = if e["enabled"].as_bool() == Some(true) {
@@ -826,7 +826,7 @@ mod tests {
 
         assert_eq!(
             mesh_lines(&serde_json::Value::Null),
-            vec!["mesh: off (no --mesh-secret-file)"]
+            vec!["mesh: off (no cluster secret)"]
         );
         let snap = MeshSnapshot {
             node: "n1".into(),

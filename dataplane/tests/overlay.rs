@@ -219,7 +219,9 @@ fn a_peer_moves_from_wireguard_to_vxlan_and_back_in_both_families() {
         return;
     }
     let ns = Netns::new("wgsw");
-    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+    ]);
     ns.ip(&["link", "set", "eth0p", "up"]);
     ns.ip(&["addr", "add", "198.18.0.1/15", "dev", "eth0"]);
     ns.ip(&["link", "set", "eth0", "up"]);

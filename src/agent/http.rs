@@ -74,7 +74,7 @@ pub fn respond(shared: &Shared, listener: Listener, path: &str) -> (u16, &'stati
             None => (
                 404,
                 "text/plain",
-                "mesh off (no --mesh-secret-file)\n".into(),
+                "mesh off (no cluster secret: --mesh-secret-file absent or not given)\n".into(),
             ),
         },
         "/debug/state" if listener == Listener::Unix => {

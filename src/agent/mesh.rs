@@ -1,6 +1,7 @@
 //! The agent's side of the mesh (DESIGN §5, issue 9): authenticated control connections to
 //! every other node, path health and relay decisions, and the WireGuard keys and endpoints
-//! that make the encrypted pod path. Off unless `--mesh-secret-file` is given.
+//! that make the encrypted pod path. Off without a cluster secret (`--mesh-secret-file`, the
+//! mounted Secret `weft-mesh`; or `WEFT_MESH_SECRET` outside Kubernetes).
 //!
 //! Flow: Node objects (the same [`NodeInfo`] channel the overlay follows) → members, their
 //! underlay addresses and published identity keys (annotation [`IDENTITY_ANNOTATION`], which
@@ -134,7 +135,7 @@ pub struct MeshConfig {
 pub enum MeshSecret {
     /// A file (`--mesh-secret-file`; a mounted Secret).
     File(PathBuf),
-    /// The value (`WEFT_MESH_SECRET`, set from the Secret by the DaemonSet).
+    /// The value (`WEFT_MESH_SECRET`: for agents run outside Kubernetes).
     Value(String),
 }
 

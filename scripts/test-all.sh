@@ -66,6 +66,7 @@ cluster_tier() {
     && bash conformance/k8s/manifests-test.sh \
     && bash conformance/k8s/agent-test.sh \
     && bash conformance/lab/handoff-test.sh \
+    && bash conformance/lab/handoff-test.sh --encryption \
     && bash conformance/mesh/mesh-test.sh \
     && bash conformance/run-upstream.sh
 }

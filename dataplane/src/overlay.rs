@@ -285,6 +285,10 @@ pub struct Overlay {
     programmed: BTreeMap<String, (RemoteNode, BTreeSet<Entry>)>,
     /// Index of `wgweft` during a sync that routes over it.
     wg_index: Option<u32>,
+    /// The `wgweft` our `dev wgweft` routes were added on. A new device (weft-wg restarted:
+    /// the kernel dropped the routes with the old one) has another index: those routes are
+    /// added again.
+    wg_index_programmed: Option<u32>,
     /// Whether the kernel's entries on `vxweft` have been reconciled once (after a restart
     /// the device keeps the previous process's entries, some of them for nodes since gone).
     adopted: bool,
@@ -362,6 +366,7 @@ impl Overlay {
             underlay_mtu,
             programmed: BTreeMap::new(),
             wg_index: None,
+            wg_index_programmed: None,
             adopted: false,
         })
     }
@@ -434,6 +439,23 @@ impl Overlay {
         } else {
             None
         };
+        if let Some(now) = self.wg_index
+            && self.wg_index_programmed.is_some_and(|was| was != now)
+        {
+            let again: Vec<String> = self
+                .programmed
+                .iter()
+                .filter(|(_, (_, e))| e.iter().any(|e| matches!(e, Entry::WgRoute { .. })))
+                .map(|(n, _)| n.clone())
+                .collect();
+            tracing::info!(nodes = ?again, "overlay: {WIREGUARD_DEVICE} was created anew (weft-wg restarted): its routes are added again");
+            for n in again {
+                self.programmed.remove(&n);
+            }
+        }
+        if self.wg_index.is_some() {
+            self.wg_index_programmed = self.wg_index;
+        }
         let wanted: BTreeMap<&str, &RemoteNode> = remotes
             .iter()
             .filter(|n| n.underlay_ip != self.config.underlay_ip)

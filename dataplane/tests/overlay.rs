@@ -210,7 +210,8 @@ fn pods_on_three_nodes_talk_over_vxlan_and_removing_a_node_removes_only_its_rout
 /// A peer moving between `wgweft` and VXLAN (encryption switched off on its side, or a relay
 /// over plain VXLAN): the routes of both families follow, read back with `ip -j`. IPv6 checks
 /// an onlink gateway against the routes in place (the gateway sits inside the CIDR still
-/// routed through `wgweft`), which the overlay has to handle.
+/// routed through `wgweft`), which the overlay has to handle. Then `wgweft` recreated (weft-wg
+/// restarted): its routes come back.
 #[test]
 fn a_peer_moves_from_wireguard_to_vxlan_and_back_in_both_families() {
     use std::collections::BTreeMap;
@@ -304,4 +305,23 @@ fn a_peer_moves_from_wireguard_to_vxlan_and_back_in_both_families() {
         assert!(report.failed.is_empty(), "{step}: {report:?}");
         assert_eq!(&routes_of(&node), want, "{step}");
     }
+    // weft-wg restarted: its device goes (the kernel drops its routes) and comes back with
+    // another index; the next sync puts the routes back although nothing else changed.
+    sync(&mut node, PeerRoute::Wireguard);
+    assert_eq!(
+        routes_of(&node),
+        over_wg,
+        "on WireGuard before the device goes"
+    );
+    node.ns.ip(&["link", "del", "wgweft"]);
+    assert!(
+        routes_of(&node).is_empty(),
+        "the kernel dropped them with the device"
+    );
+    node.ns
+        .ip(&["tuntap", "add", "dev", "wgweft", "mode", "tun"]);
+    node.ns.ip(&["link", "set", "wgweft", "up"]);
+    let report = sync(&mut node, PeerRoute::Wireguard);
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(routes_of(&node), over_wg, "routes back on the new wgweft");
 }

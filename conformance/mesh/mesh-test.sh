@@ -18,6 +18,10 @@
 #   5. node1 <-> node3 blocked on the underlay (nft in node1's namespace): both switch to the
 #      relay through node2 (/debug/mesh, WireGuard AllowedIPs), pods still reach each other,
 #      every other pair stays direct; unblocked: direct again
+#   5b. WireGuard's UDP port blocked between node1 and node3 (control TCP open) and node3's
+#      weft-wg restarted (no session left): node3 reports node1 (weft_mesh_wireguard_failing_peers,
+#      /debug/mesh, log naming the port), its route to node1 stays on wgweft (no plaintext),
+#      both relay through node2, pods reach each other; unblocked: a session, direct again
 #   6. mixed mode: node3's agent restarted with --encryption off: the others route it over
 #      vxweft, the rest stays on wgweft, traffic flows both ways; blocked again, node3's route
 #      to node1 goes via node2's tunnel address (ip -j route), unblocked: direct again
@@ -293,6 +297,49 @@ log "unblocking"
 unblock
 check wait_until 40 peer_is 1 3 path direct
 check wait_until 20 peer_is 3 1 path direct
+check wait_until 10 echo_ok a "$C"
+
+# --- 5b. WireGuard's UDP port blocked between node1 and node3, the control connection open ----
+# node3's weft-wg restarted meanwhile (its device and sessions new): no WireGuard session can
+# form with node1. Past the grace node3 reports it (metric, /debug/mesh, log naming the port),
+# never sends node1's pods plaintext (the route stays on wgweft), and both ends relay through
+# node2 (the path counts as down); unblocked: a session forms, direct again. The restart also
+# shows the overlay putting node3's routes back on the new wgweft.
+block_wg() {
+  in_node 1 nft -f - <<EOF
+table inet weft-mt9-block {
+  chain in { type filter hook input priority -300; ip saddr $(node_ip 3) udp dport 51820 drop; }
+  chain out { type filter hook output priority -300; ip daddr $(node_ip 3) udp dport 51820 drop; }
+}
+EOF
+}
+failing_peers() { metrics "$1" | awk '$1 == "weft_mesh_wireguard_failing_peers" {print $2}'; }
+failing_is() { [[ $(failing_peers "$1") == "$2" ]]; }
+log "blocking WireGuard's UDP port between node1 and node3; node3's weft-wg restarted"
+block_wg
+kill "$(cat "$DIR/pids/weft-wg-node3.pid")"
+wait_until 10 bash -c "! ip -n $(node 3) link show wgweft"
+ip netns exec "$(node 3)" setsid "$TARGET/debug/weft-wg" run --config "$DIR/run/node3/wg/wgweft.conf" \
+  >>"$DIR/logs/weft-wg-node3.log" 2>&1 </dev/null &
+echo $! >"$DIR/pids/weft-wg-node3.pid"
+check wait_until 20 route_dev 3 2 wgweft
+check wait_until 20 echo_ok c "$B"
+check wait_until 60 failing_is 3 1
+wg_problem_shown() { [[ $(peer 3 1 wireguard_problem) == *"UDP port 51820"* ]]; }
+check wg_problem_shown
+wg_failure_logged() { grep -q "no WireGuard session with the peer" "$DIR/logs/agent-node3.log"; }
+check wg_failure_logged
+check wait_until 30 peer_is 3 1 path "via $(node 2)"
+check wait_until 30 peer_is 1 3 path "via $(node 2)"
+check route_dev 3 1 wgweft
+check peer_is 3 2 path direct
+check wait_until 15 echo_ok c "$A"
+check wait_until 15 echo_ok a "$C"
+log "unblocking WireGuard's UDP port"
+unblock
+check wait_until 60 failing_is 3 0
+check wait_until 40 peer_is 3 1 path direct
+check wait_until 20 peer_is 1 3 path direct
 check wait_until 10 echo_ok a "$C"
 
 # --- 6. mixed mode: node3 without encryption --------------------------------------------------

@@ -12,7 +12,7 @@
 //!
 //! Release records: a DEL while the agent is down is done by the plugin (it deletes the host
 //! veth) and leaves a record in [`release_record_dir`]; the agent releases those addresses
-//! before serving the next request ([`CniService::drain_release_records`]).
+//! when it starts and again before serving each request ([`CniService::drain_release_records`]).
 
 use std::collections::HashSet;
 use std::net::IpAddr;

@@ -254,6 +254,15 @@ pub async fn run(
             if state.is_none() {
                 match setup(&cfg, me, routing.encryption, gate.clone()).await {
                     Ok((handle, overlay, cidrs, service)) => {
+                        // DELs the plugin did alone while no agent ran: their addresses are
+                        // freed now, not at the next CNI request.
+                        let drained = service.drain_release_records().await;
+                        if drained > 0 {
+                            info!(
+                                drained,
+                                "released the addresses of pods deleted while the agent was down"
+                            );
+                        }
                         *slot.write().await = Some(Arc::new(service));
                         info!(cidrs = ?cidrs, mtu = overlay.mtu(), "dataplane ready: overlay up, CNI served");
                         state = Some((handle, overlay, cidrs));

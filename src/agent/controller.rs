@@ -58,6 +58,8 @@ pub struct Shared {
     pub node: String,
     /// Local pod addresses in the last committed table (CNI ADD waits for its pod's).
     pub local_ips: Mutex<BTreeSet<std::net::IpAddr>>,
+    /// Notified each time `local_ips` is replaced (a waiting CNI ADD wakes at once).
+    pub local_ips_changed: std::sync::Condvar,
     /// Where operator queries go (the controller's channel).
     pub queries: Mutex<Option<mpsc::Sender<WatchMsg>>>,
     /// UIDs of every pod the API has (any node), from a synced store; `None` until the first
@@ -132,6 +134,7 @@ impl Shared {
             table_size: Mutex::default(),
             node: node.to_string(),
             local_ips: Mutex::default(),
+            local_ips_changed: std::sync::Condvar::new(),
             queries: Mutex::default(),
             live_pod_uids: Mutex::default(),
             table_watch: Arc::default(),
@@ -589,6 +592,7 @@ impl Controller {
                 .local_ips
                 .lock()
                 .unwrap_or_else(|e| e.into_inner()) = super::dataplane::local_ips(engine.desired());
+            self.shared.local_ips_changed.notify_all();
             if self.uids_dirty
                 && self
                     .uids_published

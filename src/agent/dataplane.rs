@@ -201,23 +201,28 @@ impl PolicyGate for AgentGate {
             ips: ips.to_vec(),
         });
         let deadline = Instant::now() + timeout;
+        let mut have = self
+            .shared
+            .local_ips
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         loop {
-            {
-                let have = self
-                    .shared
-                    .local_ips
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                if ips.iter().all(|ip| have.contains(ip)) {
-                    return Ok(());
-                }
+            if ips.iter().all(|ip| have.contains(ip)) {
+                return Ok(());
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(format!(
                     "{pod}: addresses {ips:?} not in this node's table yet (is the pod in the API with spec.nodeName = this node?)"
                 ));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            // Woken by the controller's commit (no polling delay on the ADD path).
+            have = self
+                .shared
+                .local_ips_changed
+                .wait_timeout(have, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
@@ -626,5 +631,46 @@ mod tests {
             "{\"a\":1}\n"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_waiting_add_wakes_when_the_commit_publishes_its_addresses() {
+        use super::super::metrics::Metrics;
+        let shared = Arc::new(Shared::new("n1", Arc::new(Metrics::default())));
+        let (tx, rx) = mpsc::channel();
+        let gate = AgentGate::new(shared.clone(), tx);
+        let pod = PodRef {
+            namespace: "ns".into(),
+            name: "p".into(),
+            uid: "u".into(),
+        };
+        let ip: IpAddr = "10.244.1.7".parse().unwrap();
+        // Not there: the wait ends at its timeout with the pod named.
+        let err = gate
+            .wait_programmed(&pod, &[ip], Duration::from_millis(30))
+            .unwrap_err();
+        assert!(err.contains("ns/p"), "{err}");
+        assert!(
+            rx.try_recv().is_ok(),
+            "the controller was told of the attachment"
+        );
+        // Published by a "commit" 50 ms into a 10 s wait: it returns right after.
+        let committer = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                shared.local_ips.lock().unwrap().insert(ip);
+                shared.local_ips_changed.notify_all();
+            })
+        };
+        let started = Instant::now();
+        gate.wait_programmed(&pod, &[ip], Duration::from_secs(10))
+            .unwrap();
+        let waited = started.elapsed();
+        committer.join().unwrap();
+        assert!(
+            waited >= Duration::from_millis(50) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
     }
 }

@@ -7,6 +7,9 @@
 #              plugged into the lab's own underlay bridge, wgweft with the lab's MTU, measured
 #              interleaved with weft's runs (bare, weft, node, bare, weft, node, ...), so both
 #              see the same machine and the same underlay hops;
+#            - "same underlay + kube-proxy": the same namespaces with kube-proxy's nft tables
+#              (copied from node 1 and node 2) loaded for one run of each round: what the
+#              nodes' kube-proxy costs any tunnel, so weft's own share can be read off;
 #            - "direct veth" (mesh/tests/wg_netns.rs bare_tunnel_throughput_median_of_5),
 #              before the lab starts and after it stops: the machine's best case, for reference.
 #   weft-wg  pod -> pod across nodes on the lab with encryption on (weft's encrypted path:
@@ -157,20 +160,43 @@ for x in a b; do ip -n "$P-bare-$x" link set wgweft mtu "$MTU" up; done
 ip netns exec "$P-bare-b" setsid iperf3 -s -B 198.19.0.2 >/dev/null 2>&1 </dev/null &
 BG+=($!)
 sleep 0.5
-log "interleaved, $RUNS rounds: bare tunnel on the same underlay, pod -> pod encrypted, node -> node"
-bare_runs="" enc_runs="" node_runs=""
+# The same bare tunnel with kube-proxy's own tables (copied from node 1 and node 2) loaded in
+# its namespaces for one run of each round: what the node's kube-proxy costs any tunnel here.
+kube_proxy_tables() { # on|off
+  local x src t
+  for x in a b; do
+    [[ $x == a ]] && src=1 || src=2
+    for t in "ip kube-proxy" "ip6 kube-proxy"; do
+      if [[ $1 == on ]]; then
+        # shellcheck disable=SC2086 # family and name, two words
+        in_node "$src" nft list table $t | ip netns exec "$P-bare-$x" nft -f - || die "copying $t into $P-bare-$x"
+      else
+        # shellcheck disable=SC2086
+        ip netns exec "$P-bare-$x" nft delete table $t
+      fi
+    done
+  done
+}
+log "interleaved, $RUNS rounds: bare tunnel on the same underlay (without and with kube-proxy's tables), pod -> pod encrypted, node -> node"
+bare_runs="" kp_runs="" enc_runs="" node_runs=""
 for ((r = 1; r <= RUNS; r++)); do
   bare_runs+="$(one_run "$P-bare-a" 198.19.0.2) "
+  sleep 0.5
+  kube_proxy_tables on
+  kp_runs+="$(one_run "$P-bare-a" 198.19.0.2) "
+  kube_proxy_tables off
   sleep 0.5
   enc_runs+="$(one_run "$P-pod-mtb-client" "$SERVER") "
   sleep 0.5
   node_runs+="$(one_run "$(node 1)" "$T2" 5202) "
   sleep 0.5
 done
-SAME=$(runs_median "$bare_runs") ENC=$(runs_median "$enc_runs")
+SAME=$(runs_median "$bare_runs") KP=$(runs_median "$kp_runs") ENC=$(runs_median "$enc_runs")
+NODE=$(runs_median "$node_runs")
 report "bare[gotatun tunnel, 2 namespaces on the lab's underlay bridge, MTU $MTU]: median $SAME Mbit/s (runs: $bare_runs)"
+report "bare+kube-proxy[the same, with kube-proxy's nft tables of node 1 / node 2 loaded]: median $KP Mbit/s (runs: $kp_runs)"
 report "weft-wg[pod -> pod across nodes, encrypted]: median $ENC Mbit/s (runs: $enc_runs)"
-report "weft-wg[node -> node over wgweft, no forwarding]: median $(runs_median "$node_runs") Mbit/s (runs: $node_runs)"
+report "weft-wg[node -> node over wgweft, no forwarding]: median $NODE Mbit/s (runs: $node_runs)"
 hs() { in_node "$1" curl -sf "http://$(node_ip "$1"):6784/metrics" | awk '/^weft_mesh_handshake_duration_seconds_sum/ {s=$2} /^weft_mesh_handshake_duration_seconds_count/ {c=$2} END {printf "%.2f %d", (c ? s / c * 1000 : 0), c}'; }
 for i in 1 2 3; do
   read -r ms n <<<"$(hs "$i")"
@@ -187,4 +213,5 @@ read -r PLAIN RUNS_PLAIN <<<"$(throughput)"
 report "vxlan[pod -> pod across nodes, plain]: median $PLAIN Mbit/s (runs: $RUNS_PLAIN)"
 bare_tunnel "last (lab idle)"
 report "ratio: weft encrypted / bare tunnel on the same underlay = $(awk -v a="$ENC" -v b="$SAME" 'BEGIN {printf "%.2f", a / b}') (goal >= 0.9)"
+report "ratio, kube-proxy's share taken out: weft encrypted / bare tunnel with kube-proxy's tables = $(awk -v a="$ENC" -v b="$KP" 'BEGIN {printf "%.2f", a / b}'); node -> node / the same = $(awk -v a="$NODE" -v b="$KP" 'BEGIN {printf "%.2f", a / b}')"
 report "for reference: weft encrypted / bare tunnel on a direct veth = $(awk -v a="$ENC" -v b="$BARE1" -v c="$BARE" 'BEGIN {printf "%.2f (before the lab) / %.2f (after)", a / b, a / c}'); encrypted / plain VXLAN = $(awk -v a="$ENC" -v b="$PLAIN" 'BEGIN {printf "%.2f", a / b}')"

@@ -19,7 +19,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
+use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
@@ -323,17 +323,11 @@ impl PodSide {
             .mac
             .ok_or_else(|| AttachError::Missing(format!("{} has no MAC", self.ifname)))?;
         for ip in &self.ips {
-            let len = if ip.is_ipv4() { 32 } else { 128 };
-            let mut add = pod.address().add(link.index, *ip, len).replace();
             // No DAD: the address must work when ADD returns, and the pod's /128 is unique
             // by IPAM's construction.
-            add.message_mut().header.flags = AddressHeaderFlags::Nodad;
-            add.message_mut()
-                .attributes
-                .push(AddressAttribute::Flags(AddressFlags::Nodad));
-            add.execute()
+            nl::add_host_address_nodad(pod, link.index, *ip)
                 .await
-                .map_err(nl_err(format!("address {ip}/{len} on {}", self.ifname)))?;
+                .map_err(nl_err(format!("address {ip} on {}", self.ifname)))?;
         }
         let has_v4 = self.ips.iter().any(IpAddr::is_ipv4);
         let has_v6 = self.ips.iter().any(IpAddr::is_ipv6);

@@ -17,6 +17,23 @@ pub(crate) fn is_not_found(err: &rtnetlink::Error) -> bool {
     matches!(errno(err), Some(libc::ENOENT | libc::ENODEV | libc::ESRCH))
 }
 
+/// Puts `ip` on link `index` host-length (/32, /128), without duplicate address detection (it
+/// must work at once, and it is unique by construction), replacing what is there.
+pub(crate) async fn add_host_address_nodad(
+    handle: &rtnetlink::Handle,
+    index: u32,
+    ip: std::net::IpAddr,
+) -> Result<(), rtnetlink::Error> {
+    use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
+    let len = if ip.is_ipv4() { 32 } else { 128 };
+    let mut add = handle.address().add(index, ip, len).replace();
+    add.message_mut().header.flags = AddressHeaderFlags::Nodad;
+    add.message_mut()
+        .attributes
+        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    add.execute().await
+}
+
 /// What we need to know about a link.
 #[derive(Debug, Clone)]
 pub(crate) struct LinkInfo {

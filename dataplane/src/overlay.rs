@@ -34,7 +34,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
+use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::neighbour::NeighbourFlags;
 use rtnetlink::{LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
@@ -835,15 +835,9 @@ async fn add_tunnel_addresses(
 ) -> Result<(), OverlayError> {
     for cidr in pod_cidrs.to_list() {
         let ip = tunnel_address(cidr);
-        let len = if ip.is_ipv4() { 32 } else { 128 };
-        let mut add = handle.address().add(index, ip, len).replace();
-        add.message_mut().header.flags = AddressHeaderFlags::Nodad;
-        add.message_mut()
-            .attributes
-            .push(AddressAttribute::Flags(AddressFlags::Nodad));
-        add.execute()
+        nl::add_host_address_nodad(handle, index, ip)
             .await
-            .map_err(nl_err(format!("tunnel address {ip}/{len} on {dev}")))?;
+            .map_err(nl_err(format!("tunnel address {ip} on {dev}")))?;
     }
     Ok(())
 }

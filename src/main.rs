@@ -543,8 +543,9 @@ fn judge_secret_file(file: PathBuf, read: std::io::Result<Vec<u8>>) -> SecretSou
             file,
             why: e.to_string(),
         },
-        // The mesh's own rule (one trailing newline ignored, nothing left refused).
-        Ok(bytes) => match weft_mesh::ClusterKeys::from_secret(&bytes) {
+        // The mesh's own rule (one trailing newline ignored, nothing left refused); the keys
+        // are derived once, by the mesh when it starts.
+        Ok(bytes) => match weft_mesh::ClusterKeys::usable_secret(&bytes) {
             Ok(_) => SecretSource::File(file),
             Err(e) => SecretSource::Unusable {
                 file,

@@ -61,10 +61,7 @@ impl ClusterKeys {
     /// Derives the keys from the secret's bytes. One trailing newline is ignored (secrets
     /// written with `echo` carry one); an empty secret is refused.
     pub fn from_secret(secret: &[u8]) -> Result<ClusterKeys, SecretError> {
-        let secret = secret.strip_suffix(b"\n").unwrap_or(secret);
-        if secret.is_empty() {
-            return Err(SecretError::Empty);
-        }
+        let secret = ClusterKeys::usable_secret(secret)?;
         if secret.len() < 16 {
             tracing::warn!(
                 bytes = secret.len(),
@@ -79,6 +76,16 @@ impl ClusterKeys {
             auth: hmac::Key::new(hmac::HMAC_SHA256, &auth),
             psk,
         })
+    }
+
+    /// The secret as the keys are derived from it: one trailing newline ignored (a file
+    /// written by `echo`), nothing left refused. Checks a secret without deriving keys.
+    pub fn usable_secret(secret: &[u8]) -> Result<&[u8], SecretError> {
+        let secret = secret.strip_suffix(b"\n").unwrap_or(secret);
+        if secret.is_empty() {
+            return Err(SecretError::Empty);
+        }
+        Ok(secret)
     }
 
     /// Reads the mounted secret file.

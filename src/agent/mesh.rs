@@ -405,6 +405,14 @@ impl PeerState {
         self.links.retain(|l| !l.is_closed());
         self.links.last()
     }
+
+    /// How long both sides have had WireGuard ready without a session, once that is past
+    /// `WG_SESSION_GRACE` (the peer is then failing); `None` otherwise.
+    fn wg_failing_for(&self) -> Option<Duration> {
+        self.wg_waiting_since
+            .map(|t| t.elapsed())
+            .filter(|waited| *waited >= WG_SESSION_GRACE)
+    }
 }
 
 /// Starts the mesh in the background and returns the routing the dataplane must follow. If
@@ -878,12 +886,9 @@ impl Mesh {
             }
             if (!live && !starting && !restarting) || (live && st.sent_seq > 0) {
                 // A WireGuard path that cannot form a session is a broken direct path too.
-                let wg_failing = st
-                    .wg_waiting_since
-                    .is_some_and(|t| t.elapsed() >= WG_SESSION_GRACE);
                 probes.push((
                     name.clone(),
-                    live && st.acked_seq == st.sent_seq && !wg_failing,
+                    live && st.acked_seq == st.sent_seq && st.wg_failing_for().is_none(),
                 ));
             }
             if let Some(l) = st.live_link().cloned() {
@@ -984,12 +989,12 @@ impl Mesh {
                 st.wg_failing_logged = false;
                 continue;
             }
-            let since = *st.wg_waiting_since.get_or_insert(now);
-            if now.duration_since(since) >= WG_SESSION_GRACE {
+            st.wg_waiting_since.get_or_insert(now);
+            if let Some(waited) = st.wg_failing_for() {
                 failing += 1;
                 if !st.wg_failing_logged {
                     let port = st.wg.map_or(0, |a| a.port);
-                    error!(peer = %name, udp_port = port, waited_s = now.duration_since(since).as_secs(), "mesh: no WireGuard session with the peer although both sides have encryption ready: is UDP port {port} open between the nodes? Its pods are not reached in plaintext; a relay carries them if one can, otherwise they are unreachable from here");
+                    error!(peer = %name, udp_port = port, waited_s = waited.as_secs(), "mesh: no WireGuard session with the peer although both sides have encryption ready: is UDP port {port} open between the nodes? Its pods are not reached in plaintext; a relay carries them if one can, otherwise they are unreachable from here");
                     st.wg_failing_logged = true;
                 }
             }
@@ -1010,10 +1015,7 @@ impl Mesh {
             return false;
         };
         let Some(adv) = st.wg else { return false };
-        let session = wg.peer_ready(&adv.public_key)
-            || st
-                .wg_waiting_since
-                .is_some_and(|t| t.elapsed() >= WG_SESSION_GRACE);
+        let session = wg.peer_ready(&adv.public_key) || st.wg_failing_for().is_some();
         wg.ready() && adv.ready && st.refused.is_none() && session
     }
 
@@ -1186,16 +1188,13 @@ impl Mesh {
                     wireguard_handshake_age_seconds: adv
                         .and_then(|a| wg.and_then(|w| w.handshake_age(&a.public_key))),
                     probe_rtt_ms: st.and_then(|s| s.rtt).map(|d| d.as_secs_f64() * 1000.0),
-                    wireguard_problem: st
-                        .and_then(|s| s.wg_waiting_since)
-                        .filter(|t| t.elapsed() >= WG_SESSION_GRACE)
-                        .map(|t| {
-                            format!(
-                                "no WireGuard session for {} s (UDP port {} blocked?)",
-                                t.elapsed().as_secs(),
-                                adv.map_or(0, |a| a.port)
-                            )
-                        }),
+                    wireguard_problem: st.and_then(PeerState::wg_failing_for).map(|waited| {
+                        format!(
+                            "no WireGuard session for {} s (UDP port {} blocked?)",
+                            waited.as_secs(),
+                            adv.map_or(0, |a| a.port)
+                        )
+                    }),
                 }
             })
             .collect();

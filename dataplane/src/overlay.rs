@@ -695,13 +695,7 @@ impl Overlay {
                     // the kernel refuses with EINVAL. The old route goes first, then; the
                     // prefix is unrouted for one netlink round trip.
                     Err(e) if cidr.addr().is_ipv6() && nl::errno(&e) == Some(libc::EINVAL) => {
-                        let only_prefix = match cidr {
-                            IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
-                                .destination_prefix(n.network(), n.prefix_len())
-                                .build(),
-                            IpNet::V4(_) => unreachable!("checked: IPv6"),
-                        };
-                        match handle.route().del(only_prefix).execute().await {
+                        match handle.route().del(prefix_message(*cidr)).execute().await {
                             Ok(()) => {}
                             Err(e) if nl::is_not_found(&e) => {}
                             Err(e) => return Err(nl_err(format!("{what} (old route first)"))(e)),
@@ -732,14 +726,7 @@ impl Overlay {
             Entry::Unreachable { cidr } => (*cidr, false),
             _ => unreachable!("only wgweft and unreachable routes"),
         };
-        let mut msg = match cidr {
-            IpNet::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(n.network(), n.prefix_len())
-                .build(),
-            IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
-                .destination_prefix(n.network(), n.prefix_len())
-                .build(),
-        };
+        let mut msg = prefix_message(cidr);
         if wg {
             let index = self.wg_index.ok_or_else(|| {
                 OverlayError::Device(format!(
@@ -822,6 +809,19 @@ impl Overlay {
             // tunnel_address keeps the family of its CIDR
             _ => unreachable!("route family mismatch {cidr} via {via}"),
         }
+    }
+}
+
+/// A route message naming only `cidr` (the kind, device and next hop are filled in by the
+/// caller; a delete with nothing else removes the prefix's route whatever it is).
+fn prefix_message(cidr: IpNet) -> rtnetlink::packet_route::route::RouteMessage {
+    match cidr {
+        IpNet::V4(n) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(n.network(), n.prefix_len())
+            .build(),
+        IpNet::V6(n) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(n.network(), n.prefix_len())
+            .build(),
     }
 }
 

@@ -456,7 +456,6 @@ pub mod userspace {
                 .collect::<Result<Vec<_>, _>>()?;
             let wanted: std::collections::BTreeSet<[u8; 32]> =
                 cfg.peers.iter().map(|p| p.public_key).collect();
-            let old_peers = self.current.peers.clone();
             let old = &self.current;
             let gone: Vec<[u8; 32]> = old
                 .peers
@@ -470,6 +469,15 @@ pub mod userspace {
                 .zip(peers)
                 .filter(|(p, _)| !old.peers.contains(p))
                 .map(|(_, peer)| peer)
+                .collect();
+            // Handshakes start with every new or changed peer now rather than at its first
+            // packet: the agent routes pods over the tunnel only to peers with a completed
+            // handshake (proof that both ends have each other configured).
+            let fresh: Vec<[u8; 32]> = cfg
+                .peers
+                .iter()
+                .filter(|p| p.endpoint.is_some() && !old.peers.contains(p))
+                .map(|p| p.public_key)
                 .collect();
             let n = gone.len() + changed.len();
             let (key, port) = (cfg.private_key, cfg.listen_port);
@@ -496,15 +504,6 @@ pub mod userspace {
                     .map_err(|e| DeviceError::Device(e.to_string()))?;
                 self.suspended = false;
             }
-            // Start the handshake with every new or changed peer now rather than at its first
-            // packet: the agent routes pods over the tunnel only to peers with a completed
-            // handshake (proof that both ends have each other configured).
-            let fresh: Vec<[u8; 32]> = cfg
-                .peers
-                .iter()
-                .filter(|p| p.endpoint.is_some() && !old_peers.contains(p))
-                .map(|p| p.public_key)
-                .collect();
             self.current = cfg.clone();
             self.initiate(&fresh).await;
             Ok(n)

@@ -265,11 +265,11 @@ check peer_is 1 2 state established
 check echo_ok a "$B"
 
 # --- 5. relay: node1 <-> node3 blocked on the underlay ---------------------------------------
-block() {
+block() { # [more match, e.g. "udp dport 51820"]: node1 drops node3's underlay traffic (that part)
   in_node 1 nft -f - <<EOF
 table inet weft-mt9-block {
-  chain in { type filter hook input priority -300; ip saddr $(node_ip 3) drop; }
-  chain out { type filter hook output priority -300; ip daddr $(node_ip 3) drop; }
+  chain in { type filter hook input priority -300; ip saddr $(node_ip 3) ${1:-} drop; }
+  chain out { type filter hook output priority -300; ip daddr $(node_ip 3) ${1:-} drop; }
 }
 EOF
 }
@@ -305,18 +305,10 @@ check wait_until 10 echo_ok a "$C"
 # never sends node1's pods plaintext (the route stays on wgweft), and both ends relay through
 # node2 (the path counts as down); unblocked: a session forms, direct again. The restart also
 # shows the overlay putting node3's routes back on the new wgweft.
-block_wg() {
-  in_node 1 nft -f - <<EOF
-table inet weft-mt9-block {
-  chain in { type filter hook input priority -300; ip saddr $(node_ip 3) udp dport 51820 drop; }
-  chain out { type filter hook output priority -300; ip daddr $(node_ip 3) udp dport 51820 drop; }
-}
-EOF
-}
 failing_peers() { metrics "$1" | awk '$1 == "weft_mesh_wireguard_failing_peers" {print $2}'; }
 failing_is() { [[ $(failing_peers "$1") == "$2" ]]; }
 log "blocking WireGuard's UDP port between node1 and node3; node3's weft-wg restarted"
-block_wg
+block "udp dport 51820"
 kill "$(cat "$DIR/pids/weft-wg-node3.pid")"
 wait_until 10 bash -c "! ip -n $(node 3) link show wgweft"
 ip netns exec "$(node 3)" setsid "$TARGET/debug/weft-wg" run --config "$DIR/run/node3/wg/wgweft.conf" \

@@ -244,9 +244,10 @@ check zero_wrong
 # with ip -j) and, with encryption, the WireGuard configuration weft-wg follows (content and
 # mtime: not even rewritten) must be exactly as before the kill.
 overlay_state() { # i -> one text for the node's overlay
-  local i=$1 f=$D/run/node$1/wg/wgweft.conf
-  ip -n "$P-node$i" -j route show | jq -c '[.[] | select(.dev == "vxweft" or .dev == "wgweft") | {dst, dev, gateway}] | sort_by(.dst)'
-  ip -n "$P-node$i" -j -6 route show | jq -c '[.[] | select(.dev == "vxweft" or .dev == "wgweft") | {dst, dev, gateway}] | sort_by(.dst)'
+  local i=$1 fam f=$D/run/node$1/wg/wgweft.conf
+  for fam in -4 -6; do
+    ip -n "$P-node$i" -j "$fam" route show | jq -c '[.[] | select(.dev == "vxweft" or .dev == "wgweft") | {dst, dev, gateway}] | sort_by(.dst)'
+  done
   if [[ -f $f ]]; then stat -c '%Y.%y' "$f"; sha256sum <"$f"; fi
 }
 overlay_kept() { # i before-file
@@ -650,9 +651,9 @@ EOF
   # 4c: the same pod deleted while node 1's agent is down: the runtime's CNI DEL works without
   # the agent (it removes the host side and leaves a release record), the pod goes from the API.
   # Once the agent is back its address must be gone from node 1's nft ruleset, and from the IPAM
-  # state after the next CNI call (the agent drains release records before serving one; a
-  # CNI 1.1 runtime calls STATUS regularly: one STATUS here). Both checked present before, so
-  # the checks can fail; nothing else may move.
+  # state with its release record within 5 s of the agent's start, before any CNI call (the
+  # agent drains release records when it starts). Both checked present before, so the checks
+  # can fail; nothing else may move.
   t0=$(now)
   nft_has_ip() { ip netns exec "$P-node1" nft -j list ruleset | jq -e --arg ip "$1" '[.. | strings | select(. == $ip)] | length > 0' >/dev/null; }
   allocated() { jq -e '.allocations | has("lab-shop-new/eth0")' "$D/run/node1/ipam/state.json" >/dev/null; }

@@ -35,12 +35,15 @@
 
 pub mod cluster;
 pub mod connection;
+pub mod gro;
 pub mod identity;
 pub mod message;
 pub mod metrics;
 pub mod net;
 pub mod path;
 pub mod replay;
+#[cfg(feature = "userspace-wg")]
+pub mod tun_offload;
 pub mod wg;
 pub mod wire;
 

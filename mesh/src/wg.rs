@@ -344,13 +344,17 @@ impl DeviceStatus {
 pub mod userspace {
     use std::future::Future;
 
-    use gotatun::device::{DefaultDeviceTransports, Device, DeviceBuilder, Peer};
+    use std::sync::Arc;
+
+    use gotatun::device::{Device, DeviceBuilder, Peer};
+    use gotatun::udp::socket::UdpSocketFactory;
     use gotatun::x25519::{PublicKey, StaticSecret};
     use ipnetwork::IpNetwork;
     use ring::rand::SecureRandom;
     use thiserror::Error;
 
     use super::DeviceConfig;
+    use crate::tun_offload::{self, Counters, VnetRecv, VnetSend};
 
     /// `SO_RCVBUF`/`SO_SNDBUF` asked for on the WireGuard UDP socket (the kernel caps it at
     /// `net.core.rmem_max`/`wmem_max`). With the default (208 KiB) the receiving `weft-wg`
@@ -400,7 +404,9 @@ pub mod userspace {
 
     /// A running device.
     pub struct Running {
-        device: Device<DefaultDeviceTransports>,
+        device: Device<(UdpSocketFactory, VnetSend, VnetRecv)>,
+        /// What the TUN writer merged (see [`crate::gro`]).
+        tun: Arc<Counters>,
         current: DeviceConfig,
         /// Started without peers: gotatun opens its socket and reads the TUN device only
         /// once the device has peers, so it starts suspended and is resumed at the first
@@ -410,19 +416,24 @@ pub mod userspace {
 
     impl Running {
         /// Brings up the device on TUN `interface` (the caller configures the interface's
-        /// addresses and routes).
-        pub async fn start(cfg: &DeviceConfig, interface: &str) -> Result<Running, DeviceError> {
+        /// addresses and routes); `merge`: write runs of TCP segments merged ([`crate::gro`]).
+        pub async fn start(
+            cfg: &DeviceConfig,
+            interface: &str,
+            merge: bool,
+        ) -> Result<Running, DeviceError> {
             let peers = cfg
                 .peers
                 .iter()
                 .map(peer_of)
                 .collect::<Result<Vec<_>, _>>()?;
+            let (tun_tx, tun_rx, tun) = tun_offload::open(interface, merge)
+                .map_err(|e| DeviceError::Device(format!("TUN device {interface}: {e}")))?;
             let device = DeviceBuilder::new()
                 .with_default_udp()
                 .udp_recv_buffer_size(UDP_BUFFER)
                 .udp_send_buffer_size(UDP_BUFFER)
-                .create_tun(interface)
-                .map_err(|e| DeviceError::Device(e.to_string()))?
+                .with_ip_pair(tun_tx, tun_rx)
                 .with_private_key(StaticSecret::from(cfg.private_key))
                 .with_listen_port(cfg.listen_port)
                 .with_peers(peers)
@@ -432,6 +443,7 @@ pub mod userspace {
                 .map_err(|e| DeviceError::Device(e.to_string()))?;
             let running = Running {
                 device,
+                tun,
                 current: cfg.clone(),
                 suspended: cfg.peers.is_empty(),
             };
@@ -545,6 +557,12 @@ pub mod userspace {
             self.device.wait().await
         }
 
+        /// What the TUN writer did since the start: packets, frames, merged packets, and
+        /// writes the device refused.
+        pub fn tun_stats(&self) -> (crate::gro::GroStats, u64) {
+            (self.tun.stats(), self.tun.write_errors())
+        }
+
         /// Stops the device (the TUN device goes away with it).
         pub async fn stop(self) {
             self.device.stop().await
@@ -558,7 +576,7 @@ pub mod userspace {
         interface: &str,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), DeviceError> {
-        let mut running = Running::start(cfg, interface).await?;
+        let mut running = Running::start(cfg, interface, true).await?;
         tokio::select! {
             () = running.failed() => {
                 running.stop().await;

@@ -3,7 +3,7 @@
 //! sets the device's addresses and routes.
 //!
 //! ```text
-//! weft-wg run --config /var/lib/weft/wg/wgweft.conf [--interface wgweft]
+//! weft-wg run --config /var/lib/weft/wg/wgweft.conf [--interface wgweft] [--merge on|off]
 //! weft-wg genkey            # a private key, base64
 //! weft-wg pubkey < private  # its public key
 //! ```
@@ -15,6 +15,9 @@
 //! (the agent writes it), `weft-wg` waits. After every apply and every 2 s it writes
 //! `<config>.status` ([`weft_mesh::wg::DeviceStatus`]): its public key, port, the digest of
 //! the configuration applied, and per peer the age of the last handshake.
+//!
+//! `--merge` (default on): runs of decrypted TCP segments are written to the TUN device as one
+//! packet (`weft_mesh::gro`); `off` writes each alone, for comparisons.
 
 use std::io::Read as _;
 use std::process::ExitCode;
@@ -28,7 +31,9 @@ use weft_mesh::wg::{DeviceConfig, config_digest, decode_key, encode_key, userspa
 const DEFAULT_INTERFACE: &str = "wgweft";
 
 fn usage() -> ExitCode {
-    eprintln!("usage: weft-wg run --config FILE [--interface NAME] | genkey | pubkey");
+    eprintln!(
+        "usage: weft-wg run --config FILE [--interface NAME] [--merge on|off] | genkey | pubkey"
+    );
     ExitCode::from(2)
 }
 
@@ -63,16 +68,19 @@ fn main() -> ExitCode {
         Some("run") => {
             let mut config = None;
             let mut interface = DEFAULT_INTERFACE.to_string();
+            let mut merge = true;
             let mut it = args[1..].iter();
             while let Some(a) = it.next() {
-                match (a.as_str(), it.next()) {
-                    ("--config", Some(v)) => config = Some(v.clone()),
-                    ("--interface", Some(v)) => interface = v.clone(),
+                match (a.as_str(), it.next().map(String::as_str)) {
+                    ("--config", Some(v)) => config = Some(v.to_string()),
+                    ("--interface", Some(v)) => interface = v.to_string(),
+                    ("--merge", Some("on")) => merge = true,
+                    ("--merge", Some("off")) => merge = false,
                     _ => return usage(),
                 }
             }
             let Some(config) = config else { return usage() };
-            match run(&config, &interface) {
+            match run(&config, &interface, merge) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("weft-wg: {e}");
@@ -95,7 +103,7 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-fn run(config: &str, interface: &str) -> Result<(), String> {
+fn run(config: &str, interface: &str, merge: bool) -> Result<(), String> {
     let config = PathBuf::from(config);
     let status_path = PathBuf::from(format!("{}.status", config.display()));
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -134,11 +142,12 @@ fn run(config: &str, interface: &str) -> Result<(), String> {
             }
         };
         log(&format!(
-            "starting {interface}, port {}, {} peer(s)",
+            "starting {interface}, port {}, {} peer(s), merged writes {}",
             cfg.listen_port,
-            cfg.peers.len()
+            cfg.peers.len(),
+            if merge { "on" } else { "off" }
         ));
-        let mut running = userspace::Running::start(&cfg, interface)
+        let mut running = userspace::Running::start(&cfg, interface, merge)
             .await
             .map_err(|e| e.to_string())?;
         let mut applied_text = text;
@@ -197,6 +206,11 @@ fn run(config: &str, interface: &str) -> Result<(), String> {
             }
         };
         let _ = std::fs::remove_file(&status_path);
+        let (tun, write_errors) = running.tun_stats();
+        log(&format!(
+            "stopping: {} packet(s) written to {interface} as {} write(s), {} of them merged; {write_errors} write error(s)",
+            tun.packets, tun.frames, tun.merged
+        ));
         running.stop().await;
         result
     })

@@ -10,6 +10,9 @@
 #            - "same underlay + kube-proxy": the same namespaces with kube-proxy's nft tables
 #              (copied from node 1 and node 2) loaded for one run of each round: what the
 #              nodes' kube-proxy costs any tunnel, so weft's own share can be read off;
+#            - "same underlay, merge off": a second pair with `weft-wg --merge off` (each
+#              decrypted packet written to the TUN device alone, as stock gotatun does):
+#              what merged writes (mesh/src/gro.rs) gain any tunnel;
 #            - "direct veth" (mesh/tests/wg_netns.rs bare_tunnel_throughput_median_of_5),
 #              before the lab starts and after it stops: the machine's best case, for reference.
 #   weft-wg  pod -> pod across nodes on the lab with encryption on (weft's encrypted path:
@@ -43,7 +46,7 @@ BG=()
 cleanup() {
   local p x
   for p in "${BG[@]}"; do kill "$p" 2>/dev/null; done
-  for x in a b; do
+  for x in a b c d; do
     ip netns pids "$P-bare-$x" 2>/dev/null | xargs -r kill 2>/dev/null
     ip netns del "$P-bare-$x" 2>/dev/null
   done
@@ -125,40 +128,47 @@ T2=$(kc get node "$(node 2)" -o json | jq -r '.spec.podCIDRs[] | select(contains
 in_node 2 setsid iperf3 -s -B "$T2" -p 5202 >/dev/null 2>&1 </dev/null &
 BG+=($!)
 # The bare tunnel on the same underlay: two namespaces plugged into the lab's bridge (as the
-# nodes are), one weft-wg each with its own keys, wgweft with the lab's MTU.
+# nodes are), one weft-wg each with its own keys, wgweft with the lab's MTU. Two pairs: a/b
+# with weft-wg as it runs on the nodes (merged writes on), c/d with `--merge off` (every
+# decrypted packet written alone, as stock gotatun does): what merging gains any tunnel.
 WG="$TARGET/release/weft-wg"
 MTU=$(in_node 1 cat /sys/class/net/wgweft/mtu)
 declare -A KEY PUB
-for x in a b; do
-  ns=$P-bare-$x
-  ip netns add "$ns"
-  ip -n "$P-host" link add "vbare$x" type veth peer name eth0 netns "$ns"
-  ip -n "$P-host" link set "vbare$x" master br-underlay up
-  ip -n "$ns" link set lo up
-  ip -n "$ns" link set eth0 up
-  KEY[$x]=$("$WG" genkey)
-  PUB[$x]=$("$WG" pubkey <<<"${KEY[$x]}")
-done
-ip -n "$P-bare-a" addr add 198.18.0.201/24 dev eth0
-ip -n "$P-bare-b" addr add 198.18.0.202/24 dev eth0
+bare_pair() { # x y host-octet-x host-octet-y merge
+  local x=$1 y=$2 ox=$3 oy=$4 merge=$5 ns z
+  for z in "$x" "$y"; do
+    ns=$P-bare-$z
+    ip netns add "$ns"
+    ip -n "$P-host" link add "vbare$z" type veth peer name eth0 netns "$ns"
+    ip -n "$P-host" link set "vbare$z" master br-underlay up
+    ip -n "$ns" link set lo up
+    ip -n "$ns" link set eth0 up
+    KEY[$z]=$("$WG" genkey)
+    PUB[$z]=$("$WG" pubkey <<<"${KEY[$z]}")
+  done
+  ip -n "$P-bare-$x" addr add "198.18.0.$ox/24" dev eth0
+  ip -n "$P-bare-$y" addr add "198.18.0.$oy/24" dev eth0
+  bare_conf "$x" "$y" "198.18.0.$oy" "198.19.0.$oy" >"$DIR/bare-$x.conf"
+  bare_conf "$y" "$x" "198.18.0.$ox" "198.19.0.$ox" >"$DIR/bare-$y.conf"
+  for z in "$x" "$y"; do
+    ip netns exec "$P-bare-$z" setsid "$WG" run --config "$DIR/bare-$z.conf" --merge "$merge" >"$DIR/bare-$z.log" 2>&1 </dev/null &
+    BG+=($!)
+  done
+  for z in "$x" "$y"; do
+    wait_until 10 ip -n "$P-bare-$z" link show wgweft || die "bare tunnel: no wgweft in $P-bare-$z (log: $DIR/bare-$z.log)"
+  done
+  ip -n "$P-bare-$x" addr add "198.19.0.$ox/24" dev wgweft
+  ip -n "$P-bare-$y" addr add "198.19.0.$oy/24" dev wgweft
+  for z in "$x" "$y"; do ip -n "$P-bare-$z" link set wgweft mtu "$MTU" up; done
+  ip netns exec "$P-bare-$y" setsid iperf3 -s -B "198.19.0.$oy" >/dev/null 2>&1 </dev/null &
+  BG+=($!)
+}
 bare_conf() { # own peer peer-underlay peer-tunnel
   printf '[Interface]\nPrivateKey = %s\nListenPort = 51820\n\n[Peer]\nPublicKey = %s\nEndpoint = %s:51820\nAllowedIPs = %s/32\n' \
     "${KEY[$1]}" "${PUB[$2]}" "$3" "$4"
 }
-bare_conf a b 198.18.0.202 198.19.0.2 >"$DIR/bare-a.conf"
-bare_conf b a 198.18.0.201 198.19.0.1 >"$DIR/bare-b.conf"
-for x in a b; do
-  ip netns exec "$P-bare-$x" setsid "$WG" run --config "$DIR/bare-$x.conf" >"$DIR/bare-$x.log" 2>&1 </dev/null &
-  BG+=($!)
-done
-for x in a b; do
-  wait_until 10 ip -n "$P-bare-$x" link show wgweft || die "bare tunnel: no wgweft in $P-bare-$x (log: $DIR/bare-$x.log)"
-done
-ip -n "$P-bare-a" addr add 198.19.0.1/24 dev wgweft
-ip -n "$P-bare-b" addr add 198.19.0.2/24 dev wgweft
-for x in a b; do ip -n "$P-bare-$x" link set wgweft mtu "$MTU" up; done
-ip netns exec "$P-bare-b" setsid iperf3 -s -B 198.19.0.2 >/dev/null 2>&1 </dev/null &
-BG+=($!)
+bare_pair a b 201 202 on
+bare_pair c d 203 204 off
 sleep 0.5
 # The same bare tunnel with kube-proxy's own tables (copied from node 1 and node 2) loaded in
 # its namespaces for one run of each round: what the node's kube-proxy costs any tunnel here.
@@ -177,13 +187,15 @@ kube_proxy_tables() { # on|off
     done
   done
 }
-log "interleaved, $RUNS rounds: bare tunnel on the same underlay (without and with kube-proxy's tables), pod -> pod encrypted, node -> node"
-bare_runs="" kp_runs="" enc_runs="" node_runs=""
+log "interleaved, $RUNS rounds: bare tunnel on the same underlay (merged writes on and off, with kube-proxy's tables), pod -> pod encrypted, node -> node"
+bare_runs="" off_runs="" kp_runs="" enc_runs="" node_runs=""
 for ((r = 1; r <= RUNS; r++)); do
-  bare_runs+="$(one_run "$P-bare-a" 198.19.0.2) "
+  bare_runs+="$(one_run "$P-bare-a" 198.19.0.202) "
+  sleep 0.5
+  off_runs+="$(one_run "$P-bare-c" 198.19.0.204) "
   sleep 0.5
   kube_proxy_tables on
-  kp_runs+="$(one_run "$P-bare-a" 198.19.0.2) "
+  kp_runs+="$(one_run "$P-bare-a" 198.19.0.202) "
   kube_proxy_tables off
   sleep 0.5
   enc_runs+="$(one_run "$P-pod-mtb-client" "$SERVER") "
@@ -192,8 +204,9 @@ for ((r = 1; r <= RUNS; r++)); do
   sleep 0.5
 done
 SAME=$(runs_median "$bare_runs") KP=$(runs_median "$kp_runs") ENC=$(runs_median "$enc_runs")
-NODE=$(runs_median "$node_runs")
-report "bare[gotatun tunnel, 2 namespaces on the lab's underlay bridge, MTU $MTU]: median $SAME Mbit/s (runs: $bare_runs)"
+NODE=$(runs_median "$node_runs") OFF=$(runs_median "$off_runs")
+report "bare[weft-wg tunnel (gotatun, merged writes), 2 namespaces on the lab's underlay bridge, MTU $MTU]: median $SAME Mbit/s (runs: $bare_runs)"
+report "bare, merge off[the same with weft-wg --merge off: every packet written alone]: median $OFF Mbit/s (runs: $off_runs)"
 report "bare+kube-proxy[the same, with kube-proxy's nft tables of node 1 / node 2 loaded]: median $KP Mbit/s (runs: $kp_runs)"
 report "weft-wg[pod -> pod across nodes, encrypted]: median $ENC Mbit/s (runs: $enc_runs)"
 report "weft-wg[node -> node over wgweft, no forwarding]: median $NODE Mbit/s (runs: $node_runs)"
@@ -214,4 +227,5 @@ report "vxlan[pod -> pod across nodes, plain]: median $PLAIN Mbit/s (runs: $RUNS
 bare_tunnel "last (lab idle)"
 report "ratio: weft encrypted / bare tunnel on the same underlay = $(awk -v a="$ENC" -v b="$SAME" 'BEGIN {printf "%.2f", a / b}') (goal >= 0.9)"
 report "ratio, kube-proxy's share taken out: weft encrypted / bare tunnel with kube-proxy's tables = $(awk -v a="$ENC" -v b="$KP" 'BEGIN {printf "%.2f", a / b}'); node -> node / the same = $(awk -v a="$NODE" -v b="$KP" 'BEGIN {printf "%.2f", a / b}')"
+report "for reference: weft encrypted / bare tunnel with merged writes off = $(awk -v a="$ENC" -v b="$OFF" 'BEGIN {printf "%.2f", a / b}')"
 report "for reference: weft encrypted / bare tunnel on a direct veth = $(awk -v a="$ENC" -v b="$BARE1" -v c="$BARE" 'BEGIN {printf "%.2f (before the lab) / %.2f (after)", a / b, a / c}'); encrypted / plain VXLAN = $(awk -v a="$ENC" -v b="$PLAIN" 'BEGIN {printf "%.2f", a / b}')"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Mesh benchmark (issue 9), one run, release build, TCP with one iperf3 stream, runs of 3 s:
+# Mesh benchmark (issue 9), one run, release build, TCP with one iperf3 stream, runs of 5 s
+# (WEFT_BENCH_SECS):
 #
 #   bare     a weft-wg (gotatun) tunnel between two namespaces the benchmark sets up itself:
 #            no agent, no policy, no VXLAN. Two of them:
@@ -41,7 +42,7 @@ DIR=$WEFT_LAB_DIR
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
 CNI="$TARGET/release/weft-cni"
 OUT=/tmp/weft-mt9-bench.txt
-RUNS=${WEFT_BENCH_RUNS:-5} SECS=3
+RUNS=${WEFT_BENCH_RUNS:-5} SECS=${WEFT_BENCH_SECS:-5}
 BG=()
 cleanup() {
   local p x

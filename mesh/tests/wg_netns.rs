@@ -248,6 +248,32 @@ impl Lab {
     }
 }
 
+/// Sends `file` from namespace `ns` to the socat address `connect` (bounded to 60 s).
+fn send_file(ns: &str, file: &Path, connect: &str) {
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "timeout",
+        "60",
+        "socat",
+        "-u",
+        &format!("OPEN:{}", file.display()),
+        connect,
+    ]);
+}
+
+/// A capture file as tcpdump prints it (`-n`).
+fn capture_text(file: &Path) -> String {
+    let out = Command::new("tcpdump")
+        .args(["-n", "-r"])
+        .arg(file)
+        .output()
+        .expect("tcpdump -r");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
         .windows(needle.len())
@@ -273,18 +299,7 @@ fn tcp_crosses_the_tunnel_and_the_underlay_carries_no_plaintext() {
     let sent = lab.dir.join("sent");
     std::fs::write(&sent, &payload).expect("payload");
     let started = Instant::now();
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        &a,
-        "timeout",
-        "20",
-        "socat",
-        "-u",
-        &format!("OPEN:{}", sent.display()),
-        "TCP:198.19.0.2:7000,connect-timeout=10",
-    ]);
+    send_file(&a, &sent, "TCP:198.19.0.2:7000,connect-timeout=10");
     let _ = lab.children[server_index].wait();
     eprintln!(
         "first TCP exchange through the tunnel (incl. WireGuard handshake): {:?}",
@@ -297,27 +312,17 @@ fn tcp_crosses_the_tunnel_and_the_underlay_carries_no_plaintext() {
 
     let on_underlay = lab.stop_capture(cap_underlay, &underlay);
     let on_tunnel = lab.stop_capture(cap_inner, &inner);
-    let inner_text = Command::new("tcpdump")
-        .args(["-n", "-r"])
-        .arg(&inner)
-        .output()
-        .expect("tcpdump -r");
     assert!(
         contains(&on_tunnel, MARKER),
         "control: the inner capture sees the payload; it has {} bytes:\n{}",
         on_tunnel.len(),
-        String::from_utf8_lossy(&inner_text.stdout)
+        capture_text(&inner)
     );
     assert!(
         !contains(&on_underlay, MARKER),
         "plaintext payload on the underlay"
     );
-    let text = Command::new("tcpdump")
-        .args(["-n", "-r"])
-        .arg(&underlay)
-        .output()
-        .expect("tcpdump -r");
-    let text = String::from_utf8_lossy(&text.stdout);
+    let text = capture_text(&underlay);
     let wg_packets = text
         .lines()
         .filter(|l| l.contains(".51820 > ") && l.contains("UDP"))
@@ -344,18 +349,7 @@ fn a_device_started_without_peers_carries_traffic_after_a_live_reload() {
     let server_index = lab.receive_into(&b, &received);
     let sent = lab.dir.join("sent");
     std::fs::write(&sent, format!("{MARKER} after reload\n")).expect("payload");
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        &a,
-        "timeout",
-        "20",
-        "socat",
-        "-u",
-        &format!("OPEN:{}", sent.display()),
-        "TCP:198.19.0.2:7000,connect-timeout=10",
-    ]);
+    send_file(&a, &sent, "TCP:198.19.0.2:7000,connect-timeout=10");
     let _ = lab.children[server_index].wait();
     assert_eq!(
         std::fs::read_to_string(&received).expect("received"),
@@ -408,18 +402,7 @@ fn a_bulk_transfer_arrives_intact_and_merged_in_both_families() {
         let cap = lab.capture(&b, "wgweft", &pcap);
         let received = lab.dir.join(format!("received-{family}"));
         let server = lab.receive_on(&b, listen, &received);
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            &a,
-            "timeout",
-            "60",
-            "socat",
-            "-u",
-            &format!("OPEN:{}", sent.display()),
-            connect,
-        ]);
+        send_file(&a, &sent, connect);
         let _ = lab.children[server].wait();
         let got = std::fs::read(&received).expect("received");
         assert!(
@@ -429,12 +412,7 @@ fn a_bulk_transfer_arrives_intact_and_merged_in_both_families() {
             payload.len()
         );
         lab.stop_capture(cap, &pcap);
-        let text = Command::new("tcpdump")
-            .args(["-n", "-r"])
-            .arg(&pcap)
-            .output()
-            .expect("tcpdump -r");
-        let text = String::from_utf8_lossy(&text.stdout);
+        let text = capture_text(&pcap);
         // "... Flags [.], seq 1:2777, ack 1, win 502, options [...], length 2776"
         let longest = text
             .lines()

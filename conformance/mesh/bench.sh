@@ -11,9 +11,10 @@
 #            - "same underlay + kube-proxy": the same namespaces with kube-proxy's nft tables
 #              (copied from node 1 and node 2) loaded for one run of each round: what the
 #              nodes' kube-proxy costs any tunnel, so weft's own share can be read off;
-#            - "same underlay, merge off": a second pair with `weft-wg --merge off` (each
-#              decrypted packet written to the TUN device alone, as stock gotatun does):
-#              what merged writes (mesh/src/gro.rs) gain any tunnel;
+#            - "same underlay, offloads off": a second pair with `weft-wg --offload off`
+#              (each decrypted packet written to the TUN device alone and each datagram sent
+#              alone, as stock gotatun does): what the offloads (mesh/src/gro.rs,
+#              mesh/src/udp_gso.rs) gain any tunnel;
 #            - "direct veth" (mesh/tests/wg_netns.rs bare_tunnel_throughput_median_of_5),
 #              before the lab starts and after it stops: the machine's best case, for reference.
 #   weft-wg  pod -> pod across nodes on the lab with encryption on (weft's encrypted path:
@@ -130,13 +131,13 @@ in_node 2 setsid iperf3 -s -B "$T2" -p 5202 >/dev/null 2>&1 </dev/null &
 BG+=($!)
 # The bare tunnel on the same underlay: two namespaces plugged into the lab's bridge (as the
 # nodes are), one weft-wg each with its own keys, wgweft with the lab's MTU. Two pairs: a/b
-# with weft-wg as it runs on the nodes (merged writes on), c/d with `--merge off` (every
-# decrypted packet written alone, as stock gotatun does): what merging gains any tunnel.
+# with weft-wg as it runs on the nodes (offloads on), c/d with `--offload off` (every packet
+# written and sent alone, as stock gotatun does): what the offloads gain any tunnel.
 WG="$TARGET/release/weft-wg"
 MTU=$(in_node 1 cat /sys/class/net/wgweft/mtu)
 declare -A KEY PUB
-bare_pair() { # x y host-octet-x host-octet-y merge
-  local x=$1 y=$2 ox=$3 oy=$4 merge=$5 ns z
+bare_pair() { # x y host-octet-x host-octet-y offload
+  local x=$1 y=$2 ox=$3 oy=$4 offload=$5 ns z
   for z in "$x" "$y"; do
     ns=$P-bare-$z
     ip netns add "$ns"
@@ -152,7 +153,7 @@ bare_pair() { # x y host-octet-x host-octet-y merge
   bare_conf "$x" "$y" "198.18.0.$oy" "198.19.0.$oy" >"$DIR/bare-$x.conf"
   bare_conf "$y" "$x" "198.18.0.$ox" "198.19.0.$ox" >"$DIR/bare-$y.conf"
   for z in "$x" "$y"; do
-    ip netns exec "$P-bare-$z" setsid "$WG" run --config "$DIR/bare-$z.conf" --merge "$merge" >"$DIR/bare-$z.log" 2>&1 </dev/null &
+    ip netns exec "$P-bare-$z" setsid "$WG" run --config "$DIR/bare-$z.conf" --offload "$offload" >"$DIR/bare-$z.log" 2>&1 </dev/null &
     BG+=($!)
   done
   for z in "$x" "$y"; do
@@ -188,7 +189,7 @@ kube_proxy_tables() { # on|off
     done
   done
 }
-log "interleaved, $RUNS rounds: bare tunnel on the same underlay (merged writes on and off, with kube-proxy's tables), pod -> pod encrypted, node -> node"
+log "interleaved, $RUNS rounds: bare tunnel on the same underlay (offloads on and off, with kube-proxy's tables), pod -> pod encrypted, node -> node"
 bare_runs="" off_runs="" kp_runs="" enc_runs="" node_runs=""
 for ((r = 1; r <= RUNS; r++)); do
   bare_runs+="$(one_run "$P-bare-a" 198.19.0.202) "
@@ -206,8 +207,8 @@ for ((r = 1; r <= RUNS; r++)); do
 done
 SAME=$(runs_median "$bare_runs") KP=$(runs_median "$kp_runs") ENC=$(runs_median "$enc_runs")
 NODE=$(runs_median "$node_runs") OFF=$(runs_median "$off_runs")
-report "bare[weft-wg tunnel (gotatun, merged writes), 2 namespaces on the lab's underlay bridge, MTU $MTU]: median $SAME Mbit/s (runs: $bare_runs)"
-report "bare, merge off[the same with weft-wg --merge off: every packet written alone]: median $OFF Mbit/s (runs: $off_runs)"
+report "bare[weft-wg tunnel (gotatun + offloads), 2 namespaces on the lab's underlay bridge, MTU $MTU]: median $SAME Mbit/s (runs: $bare_runs)"
+report "bare, offloads off[the same with weft-wg --offload off: every packet written and sent alone]: median $OFF Mbit/s (runs: $off_runs)"
 report "bare+kube-proxy[the same, with kube-proxy's nft tables of node 1 / node 2 loaded]: median $KP Mbit/s (runs: $kp_runs)"
 report "weft-wg[pod -> pod across nodes, encrypted]: median $ENC Mbit/s (runs: $enc_runs)"
 report "weft-wg[node -> node over wgweft, no forwarding]: median $NODE Mbit/s (runs: $node_runs)"
@@ -228,5 +229,5 @@ report "vxlan[pod -> pod across nodes, plain]: median $PLAIN Mbit/s (runs: $RUNS
 bare_tunnel "last (lab idle)"
 report "ratio: weft encrypted / bare tunnel on the same underlay = $(awk -v a="$ENC" -v b="$SAME" 'BEGIN {printf "%.2f", a / b}') (goal >= 0.9)"
 report "ratio, kube-proxy's share taken out: weft encrypted / bare tunnel with kube-proxy's tables = $(awk -v a="$ENC" -v b="$KP" 'BEGIN {printf "%.2f", a / b}'); node -> node / the same = $(awk -v a="$NODE" -v b="$KP" 'BEGIN {printf "%.2f", a / b}')"
-report "for reference: weft encrypted / bare tunnel with merged writes off = $(awk -v a="$ENC" -v b="$OFF" 'BEGIN {printf "%.2f", a / b}')"
+report "for reference: weft encrypted / bare tunnel with offloads off = $(awk -v a="$ENC" -v b="$OFF" 'BEGIN {printf "%.2f", a / b}')"
 report "for reference: weft encrypted / bare tunnel on a direct veth = $(awk -v a="$ENC" -v b="$BARE1" -v c="$BARE" 'BEGIN {printf "%.2f (before the lab) / %.2f (after)", a / b, a / c}'); encrypted / plain VXLAN = $(awk -v a="$ENC" -v b="$PLAIN" 'BEGIN {printf "%.2f", a / b}')"

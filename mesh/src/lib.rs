@@ -44,6 +44,8 @@ pub mod path;
 pub mod replay;
 #[cfg(feature = "userspace-wg")]
 pub mod tun_offload;
+#[cfg(feature = "userspace-wg")]
+pub mod udp_gso;
 pub mod wg;
 pub mod wire;
 

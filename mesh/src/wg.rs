@@ -348,6 +348,8 @@ pub mod userspace {
 
     use gotatun::device::{Device, DeviceBuilder, Peer};
     use gotatun::udp::socket::UdpSocketFactory;
+
+    use crate::udp_gso::{GsoFactory, SendCounters};
     use gotatun::x25519::{PublicKey, StaticSecret};
     use ipnetwork::IpNetwork;
     use ring::rand::SecureRandom;
@@ -404,9 +406,11 @@ pub mod userspace {
 
     /// A running device.
     pub struct Running {
-        device: Device<(UdpSocketFactory, VnetSend, VnetRecv)>,
+        device: Device<(GsoFactory, VnetSend, VnetRecv)>,
         /// What the TUN writer merged (see [`crate::gro`]).
         tun: Arc<Counters>,
+        /// What the UDP side sent (see [`crate::udp_gso`]).
+        udp: Arc<SendCounters>,
         current: DeviceConfig,
         /// Started without peers: gotatun opens its socket and reads the TUN device only
         /// once the device has peers, so it starts suspended and is resumed at the first
@@ -416,23 +420,31 @@ pub mod userspace {
 
     impl Running {
         /// Brings up the device on TUN `interface` (the caller configures the interface's
-        /// addresses and routes); `merge`: write runs of TCP segments merged ([`crate::gro`]).
+        /// addresses and routes); `offload`: write runs of TCP segments merged to the TUN
+        /// device ([`crate::gro`]) and send runs of datagrams with UDP segmentation offload
+        /// ([`crate::udp_gso`]); false: one write and one datagram per packet, as gotatun does.
         pub async fn start(
             cfg: &DeviceConfig,
             interface: &str,
-            merge: bool,
+            offload: bool,
         ) -> Result<Running, DeviceError> {
             let peers = cfg
                 .peers
                 .iter()
                 .map(peer_of)
                 .collect::<Result<Vec<_>, _>>()?;
-            let (tun_tx, tun_rx, tun) = tun_offload::open(interface, merge)
+            let (tun_tx, tun_rx, tun) = tun_offload::open(interface, offload)
                 .map_err(|e| DeviceError::Device(format!("TUN device {interface}: {e}")))?;
+            let udp = Arc::new(SendCounters::default());
             let device = DeviceBuilder::new()
-                .with_default_udp()
-                .udp_recv_buffer_size(UDP_BUFFER)
-                .udp_send_buffer_size(UDP_BUFFER)
+                .with_udp(GsoFactory {
+                    inner: UdpSocketFactory {
+                        recv_buffer_size: Some(UDP_BUFFER),
+                        send_buffer_size: Some(UDP_BUFFER),
+                    },
+                    segment: offload,
+                    counters: udp.clone(),
+                })
                 .with_ip_pair(tun_tx, tun_rx)
                 .with_private_key(StaticSecret::from(cfg.private_key))
                 .with_listen_port(cfg.listen_port)
@@ -444,6 +456,7 @@ pub mod userspace {
             let running = Running {
                 device,
                 tun,
+                udp,
                 current: cfg.clone(),
                 suspended: cfg.peers.is_empty(),
             };
@@ -557,10 +570,23 @@ pub mod userspace {
             self.device.wait().await
         }
 
-        /// What the TUN writer did since the start: packets, frames, merged packets, and
-        /// writes the device refused.
-        pub fn tun_stats(&self) -> (crate::gro::GroStats, u64) {
-            (self.tun.stats(), self.tun.write_errors())
+        /// What the offloads did since the start, as one log line: packets written to the
+        /// TUN device and the writes they took, datagrams sent and the sends they took.
+        pub fn offload_report(&self) -> String {
+            let (t, errors) = (self.tun.stats(), self.tun.write_errors());
+            let (datagrams, sends, refused, off) = self.udp.get();
+            format!(
+                "{} packet(s) written to the TUN device in {} write(s) ({} merged, {errors} write error(s)); {datagrams} datagram(s) sent in {sends} send(s) (segmentation offload {}{})",
+                t.packets,
+                t.frames,
+                t.merged,
+                if off { "off" } else { "on" },
+                if refused > 0 {
+                    format!(", refused {refused} time(s)")
+                } else {
+                    String::new()
+                }
+            )
         }
 
         /// Stops the device (the TUN device goes away with it).

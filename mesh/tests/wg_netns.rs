@@ -323,13 +323,16 @@ fn tcp_crosses_the_tunnel_and_the_underlay_carries_no_plaintext() {
         "plaintext payload on the underlay"
     );
     let text = capture_text(&underlay);
-    let wg_packets = text
+    // Runs of datagrams may be one segmented send each: count bytes, not lines.
+    let wg_bytes: usize = text
         .lines()
         .filter(|l| l.contains(".51820 > ") && l.contains("UDP"))
-        .count();
+        .filter_map(|l| l.rsplit("length ").next()?.trim().parse::<usize>().ok())
+        .sum();
     assert!(
-        wg_packets >= 10,
-        "expected WireGuard UDP on the underlay, got:\n{text}"
+        wg_bytes >= payload.len(),
+        "expected at least the payload's {} bytes as WireGuard UDP on the underlay, got {wg_bytes}:\n{text}",
+        payload.len()
     );
     assert!(
         !text.contains("198.19.0."),
@@ -362,12 +365,14 @@ fn a_device_started_without_peers_carries_traffic_after_a_live_reload() {
     );
 }
 
-/// A bulk TCP transfer through the tunnel, IPv4 then IPv6: every byte arrives in order, and
-/// the receiving `weft-wg` wrote runs of segments merged (`crate::gro`): a capture on its
-/// `wgweft` (tcpdump, an independent reader) sees TCP packets longer than the device's MTU,
-/// and the process counts merged packets when it stops.
+/// A bulk TCP transfer through the tunnel, IPv4 then IPv6: every byte arrives in order; the
+/// sending `weft-wg` sent runs of datagrams with UDP segmentation offload (`udp_gso`): a
+/// capture on the receiving side's underlay veth sees UDP packets longer than any datagram;
+/// the receiving `weft-wg` wrote runs of segments merged (`gro`): a capture on its `wgweft`
+/// sees TCP packets longer than the device's MTU (tcpdump, an independent reader); and both
+/// processes count what they did when they stop.
 #[test]
-fn a_bulk_transfer_arrives_intact_and_merged_in_both_families() {
+fn a_bulk_transfer_arrives_intact_sent_segmented_and_written_merged_in_both_families() {
     if let Some(why) = skip_reason() {
         eprintln!("skipped: {why}");
         return;
@@ -400,6 +405,8 @@ fn a_bulk_transfer_arrives_intact_and_merged_in_both_families() {
     ] {
         let pcap = lab.dir.join(format!("inner-{family}.pcap"));
         let cap = lab.capture(&b, "wgweft", &pcap);
+        let outer = lab.dir.join(format!("underlay-{family}.pcap"));
+        let cap_outer = lab.capture(&b, "vb", &outer);
         let received = lab.dir.join(format!("received-{family}"));
         let server = lab.receive_on(&b, listen, &received);
         send_file(&a, &sent, connect);
@@ -412,6 +419,22 @@ fn a_bulk_transfer_arrives_intact_and_merged_in_both_families() {
             payload.len()
         );
         lab.stop_capture(cap, &pcap);
+        lab.stop_capture(cap_outer, &outer);
+        // The underlay veth passes a segmented send whole: tcpdump sees one UDP packet
+        // longer than any datagram ("... > 198.18.0.2.51820: UDP, length 29088").
+        let outer_text = capture_text(&outer);
+        let longest_udp = outer_text
+            .lines()
+            .filter(|l| l.contains(".51820: UDP"))
+            .filter_map(|l| l.rsplit("length ").next()?.trim().parse::<usize>().ok())
+            .max()
+            .unwrap_or(0);
+        eprintln!("{family}: longest UDP send seen on b's underlay veth: {longest_udp} bytes");
+        assert!(
+            longest_udp > 1500,
+            "{family}: no segmented UDP send seen on the underlay (longest {longest_udp}):\n{}",
+            outer_text.lines().take(20).collect::<Vec<_>>().join("\n")
+        );
         let text = capture_text(&pcap);
         // "... Flags [.], seq 1:2777, ack 1, win 502, options [...], length 2776"
         let longest = text
@@ -427,20 +450,37 @@ fn a_bulk_transfer_arrives_intact_and_merged_in_both_families() {
             text.lines().take(20).collect::<Vec<_>>().join("\n")
         );
     }
-    // SIGTERM (a clean stop) so that weft-wg logs its counters.
-    let pid = lab.children[1].id().to_string();
-    run(&["kill", "-TERM", &pid]);
-    let _ = lab.children[1].wait();
-    let log = std::fs::read_to_string(lab.dir.join(format!("{b}.log"))).expect("log");
-    let merged: u64 = log
-        .split(" of them merged")
-        .next()
-        .and_then(|l| l.rsplit(", ").next())
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0);
+    // SIGTERM (a clean stop) so that each weft-wg logs its counters:
+    // "stopping: P packet(s) written to the TUN device in W write(s) (M merged, E write
+    // error(s)); D datagram(s) sent in S send(s) (segmentation offload on)".
+    let mut logs = Vec::new();
+    for (i, ns) in [(0, &a), (1, &b)] {
+        let pid = lab.children[i].id().to_string();
+        run(&["kill", "-TERM", &pid]);
+        let _ = lab.children[i].wait();
+        logs.push(std::fs::read_to_string(lab.dir.join(format!("{ns}.log"))).expect("log"));
+    }
+    let number_before = |log: &str, what: &str| -> u64 {
+        log.split(what)
+            .next()
+            .and_then(|l| l.rsplit([' ', '(']).next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let merged = number_before(&logs[1], " merged");
     assert!(
         merged > 1000,
-        "b's weft-wg counts merged packets when it stops:\n{log}"
+        "b's weft-wg counts merged packets when it stops:\n{}",
+        logs[1]
+    );
+    let (datagrams, sends) = (
+        number_before(&logs[0], " datagram(s) sent"),
+        number_before(&logs[0], " send(s)"),
+    );
+    assert!(
+        datagrams > 1000 && sends * 2 < datagrams && logs[0].contains("segmentation offload on"),
+        "a's weft-wg sent runs of datagrams in one send each ({datagrams} datagrams, {sends} sends):\n{}",
+        logs[0]
     );
 }
 

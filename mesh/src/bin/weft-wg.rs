@@ -3,7 +3,7 @@
 //! sets the device's addresses and routes.
 //!
 //! ```text
-//! weft-wg run --config /var/lib/weft/wg/wgweft.conf [--interface wgweft] [--merge on|off]
+//! weft-wg run --config /var/lib/weft/wg/wgweft.conf [--interface wgweft] [--offload on|off]
 //! weft-wg genkey            # a private key, base64
 //! weft-wg pubkey < private  # its public key
 //! ```
@@ -16,8 +16,10 @@
 //! `<config>.status` ([`weft_mesh::wg::DeviceStatus`]): its public key, port, the digest of
 //! the configuration applied, and per peer the age of the last handshake.
 //!
-//! `--merge` (default on): runs of decrypted TCP segments are written to the TUN device as one
-//! packet (`weft_mesh::gro`); `off` writes each alone, for comparisons.
+//! `--offload` (default on): runs of decrypted TCP segments are written to the TUN device as one
+//! packet (`weft_mesh::gro`) and runs of encrypted datagrams to one peer are sent with UDP
+//! segmentation offload (`weft_mesh::udp_gso`); `off` writes and sends each packet alone, as
+//! gotatun does, for comparisons.
 
 use std::io::Read as _;
 use std::process::ExitCode;
@@ -32,7 +34,7 @@ const DEFAULT_INTERFACE: &str = "wgweft";
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: weft-wg run --config FILE [--interface NAME] [--merge on|off] | genkey | pubkey"
+        "usage: weft-wg run --config FILE [--interface NAME] [--offload on|off] | genkey | pubkey"
     );
     ExitCode::from(2)
 }
@@ -68,19 +70,19 @@ fn main() -> ExitCode {
         Some("run") => {
             let mut config = None;
             let mut interface = DEFAULT_INTERFACE.to_string();
-            let mut merge = true;
+            let mut offload = true;
             let mut it = args[1..].iter();
             while let Some(a) = it.next() {
                 match (a.as_str(), it.next().map(String::as_str)) {
                     ("--config", Some(v)) => config = Some(v.to_string()),
                     ("--interface", Some(v)) => interface = v.to_string(),
-                    ("--merge", Some("on")) => merge = true,
-                    ("--merge", Some("off")) => merge = false,
+                    ("--offload", Some("on")) => offload = true,
+                    ("--offload", Some("off")) => offload = false,
                     _ => return usage(),
                 }
             }
             let Some(config) = config else { return usage() };
-            match run(&config, &interface, merge) {
+            match run(&config, &interface, offload) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("weft-wg: {e}");
@@ -103,7 +105,7 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-fn run(config: &str, interface: &str, merge: bool) -> Result<(), String> {
+fn run(config: &str, interface: &str, offload: bool) -> Result<(), String> {
     let config = PathBuf::from(config);
     let status_path = PathBuf::from(format!("{}.status", config.display()));
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -142,12 +144,12 @@ fn run(config: &str, interface: &str, merge: bool) -> Result<(), String> {
             }
         };
         log(&format!(
-            "starting {interface}, port {}, {} peer(s), merged writes {}",
+            "starting {interface}, port {}, {} peer(s), offloads {}",
             cfg.listen_port,
             cfg.peers.len(),
-            if merge { "on" } else { "off" }
+            if offload { "on" } else { "off" }
         ));
-        let mut running = userspace::Running::start(&cfg, interface, merge)
+        let mut running = userspace::Running::start(&cfg, interface, offload)
             .await
             .map_err(|e| e.to_string())?;
         let mut applied_text = text;
@@ -206,11 +208,7 @@ fn run(config: &str, interface: &str, merge: bool) -> Result<(), String> {
             }
         };
         let _ = std::fs::remove_file(&status_path);
-        let (tun, write_errors) = running.tun_stats();
-        log(&format!(
-            "stopping: {} packet(s) written to {interface} as {} write(s), {} of them merged; {write_errors} write error(s)",
-            tun.packets, tun.frames, tun.merged
-        ));
+        log(&format!("stopping: {}", running.offload_report()));
         running.stop().await;
         result
     })

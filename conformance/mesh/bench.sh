@@ -228,6 +228,14 @@ read -r PLAIN RUNS_PLAIN <<<"$(throughput)"
 report "vxlan[pod -> pod across nodes, plain]: median $PLAIN Mbit/s (runs: $RUNS_PLAIN)"
 bare_tunnel "last (lab idle)"
 report "ratio: weft encrypted / bare tunnel on the same underlay = $(awk -v a="$ENC" -v b="$SAME" 'BEGIN {printf "%.2f", a / b}') (goal >= 0.9)"
+# The rounds are interleaved, so each round's pair saw the same machine: the median of the
+# per-round ratios is steadier than the ratio of the medians when the machine drifts.
+paired() { # runs-a runs-b -> "median (r1 r2 ...)"
+  local r
+  r=$(paste <(tr ' ' '\n' <<<"$1" | grep .) <(tr ' ' '\n' <<<"$2" | grep .) | awk '{printf "%.2f\n", $1 / $2}')
+  echo "$(median <<<"$r") ($(tr '\n' ' ' <<<"$r" | sed 's/ $//'))"
+}
+report "ratio per round (weft / bare in the same round), median: $(paired "$enc_runs" "$bare_runs")"
 report "ratio, kube-proxy's share taken out: weft encrypted / bare tunnel with kube-proxy's tables = $(awk -v a="$ENC" -v b="$KP" 'BEGIN {printf "%.2f", a / b}'); node -> node / the same = $(awk -v a="$NODE" -v b="$KP" 'BEGIN {printf "%.2f", a / b}')"
 report "for reference: weft encrypted / bare tunnel with offloads off = $(awk -v a="$ENC" -v b="$OFF" 'BEGIN {printf "%.2f", a / b}')"
 report "for reference: weft encrypted / bare tunnel on a direct veth = $(awk -v a="$ENC" -v b="$BARE1" -v c="$BARE" 'BEGIN {printf "%.2f (before the lab) / %.2f (after)", a / b, a / c}'); encrypted / plain VXLAN = $(awk -v a="$ENC" -v b="$PLAIN" 'BEGIN {printf "%.2f", a / b}')"

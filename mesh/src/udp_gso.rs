@@ -11,9 +11,9 @@
 //!
 //! A run is consecutive packets of the batch gotatun hands over, to the same peer, all of the
 //! first one's length but the last, which may be shorter; at most [`MAX_SEGMENTS`] and
-//! [`MAX_RUN_BYTES`]. Others go one by one. If the kernel refuses a run (no checksum offload on
-//! the route, say), that run goes out datagram by datagram, and after [`GIVE_UP_AFTER`] refusals
-//! `weft-wg` stops trying and says so in its log once.
+//! [`MAX_RUN_BYTES`]. Others go one by one. A run that fails goes out datagram by datagram; if
+//! the kernel refused the offload itself (no checksum offload on the route, say), that counts,
+//! and after [`GIVE_UP_AFTER`] refusals `weft-wg` stops trying and says so in its log once.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -121,6 +121,16 @@ pub fn runs(packets: &[(usize, SocketAddr)]) -> Vec<usize> {
     out
 }
 
+/// The errors with which the kernel refuses `UDP_SEGMENT` itself: no checksum offload on the
+/// route (`EIO`), a segment over the route's MTU or too many segments (`EINVAL`), no support
+/// (`EOPNOTSUPP`, `ENOPROTOOPT`).
+fn refuses_offload(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(libc::ENOPROTOOPT)
+    )
+}
+
 impl GsoSend {
     /// One run as one datagram train; Err if the kernel refused it.
     async fn send_run(&self, run: &[(Packet, SocketAddr)]) -> io::Result<()> {
@@ -181,7 +191,10 @@ impl UdpSend for GsoSend {
             if n > 1 {
                 match self.send_run(run).await {
                     Ok(()) => continue,
-                    Err(e) => {
+                    // Only a refusal of the offload itself counts towards giving it up; a
+                    // route or filter error (a link down, say) would fail datagram by
+                    // datagram just the same.
+                    Err(e) if refuses_offload(&e) => {
                         let refused = c.refused.fetch_add(1, Ordering::Relaxed) + 1;
                         if refused >= GIVE_UP_AFTER && !c.off.swap(true, Ordering::Relaxed) {
                             tracing::warn!(
@@ -189,6 +202,7 @@ impl UdpSend for GsoSend {
                             );
                         }
                     }
+                    Err(_) => {}
                 }
             }
             // Alone, or a refused run: datagram by datagram.

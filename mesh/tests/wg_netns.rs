@@ -274,6 +274,24 @@ fn capture_text(file: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Asserts that the capture `file` has a line containing `marker` whose "length N" is over
+/// `over` (and prints the longest).
+fn assert_longest(file: &Path, marker: &str, over: usize, what: &str) {
+    let text = capture_text(file);
+    let longest = text
+        .lines()
+        .filter(|l| l.contains(marker))
+        .filter_map(|l| l.rsplit("length ").next()?.trim().parse::<usize>().ok())
+        .max()
+        .unwrap_or(0);
+    eprintln!("{what}: longest {longest} bytes");
+    assert!(
+        longest > over,
+        "{what}: none longer than {over} bytes (longest {longest}):\n{}",
+        text.lines().take(20).collect::<Vec<_>>().join("\n")
+    );
+}
+
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
         .windows(needle.len())
@@ -422,32 +440,18 @@ fn a_bulk_transfer_arrives_intact_sent_segmented_and_written_merged_in_both_fami
         lab.stop_capture(cap_outer, &outer);
         // The underlay veth passes a segmented send whole: tcpdump sees one UDP packet
         // longer than any datagram ("... > 198.18.0.2.51820: UDP, length 29088").
-        let outer_text = capture_text(&outer);
-        let longest_udp = outer_text
-            .lines()
-            .filter(|l| l.contains(".51820: UDP"))
-            .filter_map(|l| l.rsplit("length ").next()?.trim().parse::<usize>().ok())
-            .max()
-            .unwrap_or(0);
-        eprintln!("{family}: longest UDP send seen on b's underlay veth: {longest_udp} bytes");
-        assert!(
-            longest_udp > 1500,
-            "{family}: no segmented UDP send seen on the underlay (longest {longest_udp}):\n{}",
-            outer_text.lines().take(20).collect::<Vec<_>>().join("\n")
+        assert_longest(
+            &outer,
+            ".51820: UDP",
+            1500,
+            &format!("{family}: segmented UDP send on b's underlay veth"),
         );
-        let text = capture_text(&pcap);
         // "... Flags [.], seq 1:2777, ack 1, win 502, options [...], length 2776"
-        let longest = text
-            .lines()
-            .filter(|l| l.contains(".7000: Flags"))
-            .filter_map(|l| l.rsplit("length ").next()?.trim().parse::<usize>().ok())
-            .max()
-            .unwrap_or(0);
-        eprintln!("{family}: longest TCP payload written to b's wgweft: {longest} bytes");
-        assert!(
-            longest > 1420,
-            "{family}: no merged write seen on b's wgweft (longest payload {longest}):\n{}",
-            text.lines().take(20).collect::<Vec<_>>().join("\n")
+        assert_longest(
+            &pcap,
+            ".7000: Flags",
+            1420,
+            &format!("{family}: merged TCP write on b's wgweft"),
         );
     }
     // SIGTERM (a clean stop) so that each weft-wg logs its counters:

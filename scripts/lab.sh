@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# weft's main job for a person: `sudo ./scripts/lab.sh` starts the lab: a 3-node cluster in
+# weft's main job for a person: `./scripts/lab.sh` starts the lab: a 3-node cluster in
 # network namespaces (real etcd, kube-apiserver, controller-manager, kube-proxy; one weft agent
 # per node; pods attached by weft-cni), a small demo with policies, and its truth table.
 # The first run builds what it needs (Kubernetes components: several minutes, cached under
-# /var/cache/weft); later runs take about 30 s. `sudo ./scripts/lab.sh down` removes it all.
+# /var/cache/weft); later runs take about 30 s. `./scripts/lab.sh down` removes it all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

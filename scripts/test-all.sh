@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every test tier of weft, least powerful first, each with a time budget. Run as root on
-# Debian 12: `sudo ./scripts/test-all.sh`. CI (.ci/run) runs exactly this.
+# Debian 12: `./scripts/test-all.sh`. CI (.ci/run) runs exactly this.
 #
 #   1 static   cargo fmt --check, clippy -D warnings                       budget 15 min
 #   2 pure     engine, model, oracle, simulator, proptests, goldens, cases  budget 15 min

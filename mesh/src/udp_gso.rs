@@ -95,7 +95,7 @@ pub struct GsoSend {
     counters: Arc<SendCounters>,
 }
 
-/// Lengths of the runs `sizes` (datagram lengths, in order, with their peers) splits into.
+/// How many datagrams each run has, in order, for `packets` (each one's length and peer).
 pub fn runs(packets: &[(usize, SocketAddr)]) -> Vec<usize> {
     let mut out = Vec::new();
     let mut i = 0;

@@ -343,13 +343,10 @@ impl DeviceStatus {
 #[cfg(feature = "userspace-wg")]
 pub mod userspace {
     use std::future::Future;
-
     use std::sync::Arc;
 
     use gotatun::device::{Device, DeviceBuilder, Peer};
     use gotatun::udp::socket::UdpSocketFactory;
-
-    use crate::udp_gso::{GsoFactory, SendCounters};
     use gotatun::x25519::{PublicKey, StaticSecret};
     use ipnetwork::IpNetwork;
     use ring::rand::SecureRandom;
@@ -357,6 +354,7 @@ pub mod userspace {
 
     use super::DeviceConfig;
     use crate::tun_offload::{self, Counters, VnetRecv, VnetSend};
+    use crate::udp_gso::{GsoFactory, SendCounters};
 
     /// `SO_RCVBUF`/`SO_SNDBUF` asked for on the WireGuard UDP socket (the kernel caps it at
     /// `net.core.rmem_max`/`wmem_max`). With the default (208 KiB) the receiving `weft-wg`

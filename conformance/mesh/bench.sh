@@ -13,7 +13,8 @@
 #              nodes' kube-proxy costs any tunnel, so weft's own share can be read off;
 #            - "same underlay, offloads off": a second pair with `weft-wg --offload off`
 #              (each decrypted packet written to the TUN device alone and each datagram sent
-#              alone, as stock gotatun does): what the offloads (mesh/src/gro.rs,
+#              alone, as stock gotatun does; the virtio-net header and the writer's batch
+#              copy stay): what the offloads (mesh/src/gro.rs,
 #              mesh/src/udp_gso.rs) gain any tunnel;
 #            - "direct veth" (mesh/tests/wg_netns.rs bare_tunnel_throughput_median_of_5),
 #              before the lab starts and after it stops: the machine's best case, for reference.

@@ -41,7 +41,7 @@ run() { # name extra-args...
   # failed cases with their tables (not after an interruption: then every later case failed
   # unrun), the skipped ones, then the closing lines
   if ((rc != 124 && rc != 137)); then
-    awk '/^(PASS|SKIP) |^[0-9]+ passed, /{p=0} /^FAIL /{p=1} p' "$OUT/$name.txt" | head -n 600
+    awk '/^(PASS|SKIP) |^[0-9]+ passed, /{p=0} /^FAIL /{p=1} p' "$OUT/$name.txt" | sed -n 1,600p
   fi
   grep -E '^SKIP ' "$OUT/$name.txt" | cut -c1-200
   grep -E '^[0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$|^realization |^time: ' "$OUT/$name.txt"
@@ -61,7 +61,7 @@ if [[ "${WEFT_UPSTREAM_IPV6:-0}" == 1 ]]; then
 fi
 # Nothing of the run may be left (the harness tears down on every exit; a SIGKILL after the
 # budget's grace would not, so clean up here too).
-if ip netns list 2>/dev/null | awk '{print $1}' | grep -q '^weft-cf-'; then
+if ip netns list 2>/dev/null | awk '{print $1}' | grep '^weft-cf-' >/dev/null; then
   echo "run-upstream: namespaces left behind: removing them"
   bash "$HERE/k8s/cluster.sh" down "${WEFT_CONFORMANCE_DIR:-/tmp/weft-cf}/cluster" >/dev/null 2>&1 || true
   failed=1

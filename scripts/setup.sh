@@ -16,7 +16,7 @@ PKGS=(nftables iproute2 libnftnl-dev libmnl-dev pkg-config build-essential opens
       iperf3 socat tcpdump procps psmisc curl jq)
 missing=()
 for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep "install ok installed" >/dev/null || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
@@ -37,13 +37,13 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 rustv=$(rustc --version | awk '{print $2}')
-if [ "$(printf '%s\n1.95.0\n' "$rustv" | sort -V | head -1)" != "1.95.0" ]; then
+if [ "$(printf '%s\n1.95.0\n' "$rustv" | sort -V | sed -n 1p)" != "1.95.0" ]; then
   echo "[setup] rustc $rustv is older than 1.95.0" >&2
   exit 1
 fi
 if command -v rustup >/dev/null 2>&1; then
   for c in rustfmt clippy; do
-    rustup component list --installed 2>/dev/null | grep -q "^$c" || { say "adding rust component $c"; rustup component add "$c"; }
+    rustup component list --installed 2>/dev/null | grep "^$c" >/dev/null || { say "adding rust component $c"; rustup component add "$c"; }
   done
 fi
 say "rust $rustv, $(nft --version), $(ip -V)"

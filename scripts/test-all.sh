@@ -2,7 +2,7 @@
 # Every test tier of weft, least powerful first, each with a time budget. Run as root on
 # Debian 12: `./scripts/test-all.sh`. CI (.ci/run) runs exactly this.
 #
-#   1 static   cargo fmt --check, clippy -D warnings                       budget 15 min
+#   1 static   shell pipe lint, cargo fmt --check, clippy -D warnings     budget 15 min
 #   2 pure     engine, model, oracle, simulator, proptests, goldens, cases  budget 15 min
 #   3 kernel   nftables backend, dataplane, CNI plugin in throwaway netns   budget 20 min
 #   4 cluster  real etcd + kube-apiserver + controller-manager in netns     budget 50 min (cold build)
@@ -48,7 +48,7 @@ tier() {
 
 
 static_tier() {
-  cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings
+  bash scripts/lint-shell.sh && cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings
 }
 pure_tier() {
   cargo test -p weft-netpol -p weft -p weft-conformance && cargo test -p weft-mesh --lib
@@ -91,7 +91,7 @@ left=$(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^weft' | grep -vx
 if [ -n "$left" ]; then
   failed=$((failed + 1)); report+=("cleanup  FAILED: namespaces left behind: $left")
 fi
-if nft list tables 2>/dev/null | grep -q weft; then
+if nft list tables 2>/dev/null | grep weft >/dev/null; then
   failed=$((failed + 1)); report+=("cleanup  FAILED: a weft table exists in the ROOT namespace")
 fi
 

@@ -205,9 +205,9 @@ nq() { # i jq-filter [jq args...]   (filter runs on the ruleset JSON, JQLIB defi
 # normalized elements of set/map NAME: "addr", "a-b", "a/len", "a . tcp . 80", "key : jump chain"
 elems() { nq "$1" 'weft | (.set // .map // empty) | select(.name == $n) | (.elem // [])[] |
   if type == "array" then "\(.[0] | norm) : \(.[1] | verdict)" else norm end' --arg n "$2"; }
-has_elem() { elems "$1" "$2" | grep -qxF -- "$3"; }
+has_elem() { elems "$1" "$2" | grep -xF -- "$3" >/dev/null; }
 lacks_elem() { ! has_elem "$@" && nftj "$1" >/dev/null; }
-map_key() { elems "$1" "$2" | grep -q -- "^$3 : "; }
+map_key() { elems "$1" "$2" | grep -- "^$3 : " >/dev/null; }
 no_map_key() { ! map_key "$@" && nftj "$1" >/dev/null; }
 # pol- chains whose rules' comments name policy NS/NAME
 pol_chains() { nq "$1" 'weft | .rule? // empty | select(.chain | startswith("pol-"))
@@ -221,9 +221,9 @@ rule_sets() { nq "$1" 'weft | .rule? // empty | select(.chain == $c)
 # set i PREFIX-of-set-name in the rules of policy P's chain with comment prefix CP, family -v4
 pol_set() { # i policy(ns/name) comment-prefix set-kind(sel|nport|cidr|nssel...)
   local c
-  c=$(pol_chains "$1" "$2" | head -1)
+  c=$(pol_chains "$1" "$2" | sed -n 1p)
   [[ -n "$c" ]] || return 1
-  rule_sets "$1" "$c" "$3" | grep -E "^$4-.*-v4\$" | head -1
+  rule_sets "$1" "$c" "$3" | grep -E "^$4-.*-v4\$" | sed -n 1p
 }
 set_has() { local s; s=$(pol_set "$1" "$2" "$3" "$4") && [[ -n "$s" ]] && has_elem "$1" "$s" "$5"; }
 set_lacks() { local s; s=$(pol_set "$1" "$2" "$3" "$4") && [[ -n "$s" ]] && ! has_elem "$1" "$s" "$5"; }
@@ -412,7 +412,7 @@ EOF
 apply_json <"$DIR/from-team.json" >/dev/null
 check "node1: a pol- chain for at-a/from-team" within "$TIMEOUT" has_pol_chain 1 at-a/from-team
 nssel() { # i -> the -v4 peer set of from-team's ingress[0]
-  local c; c=$(pol_chains "$1" at-a/from-team | head -1); [[ -n "$c" ]] && rule_sets "$1" "$c" "at-a/from-team ingress[0]" | grep -E -- '-v4$' | head -1
+  local c; c=$(pol_chains "$1" at-a/from-team | sed -n 1p); [[ -n "$c" ]] && rule_sets "$1" "$c" "at-a/from-team ingress[0]" | grep -E -- '-v4$' | sed -n 1p
 }
 nssel_has() { local s; s=$(nssel "$1") && [[ -n "$s" ]] && has_elem "$1" "$s" "$2"; }
 nssel_lacks() { local s; s=$(nssel "$1") && [[ -n "$s" ]] && ! has_elem "$1" "$s" "$2"; }
@@ -456,7 +456,7 @@ check "the kernel shows it: both nodes have a chain for at-a/lat-pol" all "has_p
 timed_write "policy update (at-a/lat-pol port 81)" networkpolicies PATCH /apis/networking.k8s.io/v1/namespaces/at-a/networkpolicies/lat-pol \
   '{"spec":{"ingress":[{"from":[{"podSelector":{"matchLabels":{"lat":"1"}}}],"ports":[{"port":81}]}]}}'
 check "the kernel shows it: node1's lat-pol rule matches port 81" all \
-  "nq 1 'weft | .rule? // empty | select((.comment // \"\") | startswith(\"at-a/lat-pol \")) | .expr[] | .match? // empty | .right' | grep -qx 81"
+  "nq 1 'weft | .rule? // empty | select((.comment // \"\") | startswith(\"at-a/lat-pol \")) | .expr[] | .match? // empty | .right' | grep -x 81 >/dev/null"
 timed_write "policy delete (at-a/lat-pol)" networkpolicies DELETE /apis/networking.k8s.io/v1/namespaces/at-a/networkpolicies/lat-pol ''
 check "the kernel shows it: no chain for at-a/lat-pol (at most one reconcile later)" within "$TIMEOUT" all \
   "no_pol_chain 1 at-a/lat-pol" "no_pol_chain 2 at-a/lat-pol"
@@ -519,7 +519,7 @@ etcd /v3/kv/put "$put" >/dev/null
 K label networkpolicy odd-mapped -n at-a weft.test/touched=yes >/dev/null 2>"$DIR/mapped-warn.txt"
 note "API on an update of ipBlock ::ffff:10.244.0.0/112: $(tr '\n' ' ' <"$DIR/mapped-warn.txt" | cut -c1-200)"
 if within "$TIMEOUT" has_pol_chain 1 at-a/odd-mapped; then
-  c=$(pol_chains 1 at-a/odd-mapped | head -1)
+  c=$(pol_chains 1 at-a/odd-mapped | sed -n 1p)
   for s in $(rule_sets 1 "$c"); do
     note "node1 enforces odd-mapped with set $s: $(elems 1 "$s" | tr '\n' ' ')"
     [[ "$s" == *-v6 ]] && note "KNOWN GAP (netpol model): the API means the IPv4 block 10.244.0.0/16; weft compiles an IPv6 set that no IPv4 packet can match (fails closed)"
@@ -538,7 +538,7 @@ EOF
 check "node1: a chain for at-a/odd-noport" within "$TIMEOUT" has_pol_chain 1 at-a/odd-noport
 noport_matches_nothing() { # every rule of the chain matches through an empty named-port set
   local c s n=0
-  c=$(pol_chains 1 at-a/odd-noport | head -1); [[ -n "$c" ]] || return 1
+  c=$(pol_chains 1 at-a/odd-noport | sed -n 1p); [[ -n "$c" ]] || return 1
   [[ "$(nq 1 'weft | .rule? // empty | select(.chain == $c) | [.. | strings | select(startswith("@nport-"))] | length == 1' --arg c "$c" | sort -u)" == true ]] || return 1
   for s in $(rule_sets 1 "$c" | grep '^nport-'); do
     n=$((n + $(elems 1 "$s" | wc -l)))
@@ -580,7 +580,7 @@ long_chain() { # the pol- chain the long pod's group chain jumps to
   nq 1 'weft | .rule? // empty | select(.chain == $g) | .expr[] | .jump?.target // empty | select(startswith("pol-"))' --arg g "$grp" | grep .
 }
 check "node1: the long pod is dispatched to a group chain that jumps to a pol- chain" within "$TIMEOUT" long_chain
-LCHAIN=$(long_chain | head -1)
+LCHAIN=$(long_chain | sed -n 1p)
 note "chain: $LCHAIN (${#LCHAIN} bytes)"
 check "node1: that chain's name is within 255 bytes and names the namespace" \
   all "(( ${#LCHAIN} <= 255 ))" "[[ '$LCHAIN' == pol-*-at-long-nnnn* ]]"

@@ -109,7 +109,7 @@ EOF
       -o "$WORK/out/etcd" go.etcd.io/etcd/server/v3
   )
   mv -f "$WORK/out/etcd" "$BIN_DIR/etcd"
-  bin_ok etcd || die "built etcd does not report version ${ETCD_VERSION#v}: $("$BIN_DIR/etcd" --version 2>&1 | head -3)"
+  bin_ok etcd || die "built etcd does not report version ${ETCD_VERSION#v}: $("$BIN_DIR/etcd" --version 2>&1 | sed -n 1,3p)"
 fi
 
 # --- Kubernetes ----------------------------------------------------------------
@@ -155,7 +155,7 @@ if ((${#need_k8s[@]})); then
     step "build $n $K8S_VERSION" \
       "${NICE[@]}" go build -trimpath -ldflags "$ldflags" -o "$WORK/out/$n" "k8s.io/kubernetes/cmd/$n"
     mv -f "$WORK/out/$n" "$BIN_DIR/$n"
-    bin_ok "$n" || die "built $n does not report $K8S_VERSION: $("$BIN_DIR/$n" --version 2>&1 | head -3)"
+    bin_ok "$n" || die "built $n does not report $K8S_VERSION: $("$BIN_DIR/$n" --version 2>&1 | sed -n 1,3p)"
   done
 fi
 

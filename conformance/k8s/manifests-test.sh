@@ -101,7 +101,7 @@ check no_forbidden
 mesh_off_warned() {
   [[ $(grep -cF "mesh off: the cluster secret file $SECRET_FILE does not exist" "$DIR/agent.log") == 1 ]] &&
     grep -qF "kubectl -n kube-system create secret generic weft-mesh" "$DIR/agent.log" &&
-    ip netns exec weft-mt-host curl -s http://127.0.0.1:16784/debug/mesh | grep -q "mesh off" ||
+    ip netns exec weft-mt-host curl -s http://127.0.0.1:16784/debug/mesh | grep "mesh off" >/dev/null ||
     { grep -i mesh "$DIR/agent.log"; ip netns exec weft-mt-host curl -s http://127.0.0.1:16784/debug/mesh; return 1; }
 }
 check mesh_off_warned

@@ -69,8 +69,8 @@ ok "cluster.sh up (WEFT_NODES=2)"
 check "cluster.sh status reports everything alive and ready" "$CLUSTER" status "$DIR"
 
 # --- 2. underlay + identities ---------------------------------------------------------
-check "node1 has 198.18.0.11 on eth0" bash -c "ip -n $WEFT_NS_PREFIX-node1 -4 addr show eth0 | grep -q 'inet 198.18.0.11/24'"
-check "node2 has 198.18.0.12 on eth0" bash -c "ip -n $WEFT_NS_PREFIX-node2 -4 addr show eth0 | grep -q 'inet 198.18.0.12/24'"
+check "node1 has 198.18.0.11 on eth0" bash -c "ip -n $WEFT_NS_PREFIX-node1 -4 addr show eth0 | grep 'inet 198.18.0.11/24' >/dev/null"
+check "node2 has 198.18.0.12 on eth0" bash -c "ip -n $WEFT_NS_PREFIX-node2 -4 addr show eth0 | grep 'inet 198.18.0.12/24' >/dev/null"
 check "node1 reaches the apiserver at https://198.18.0.1:6443 as weft agent" \
   bash -c "[[ \"\$(ip netns exec $WEFT_NS_PREFIX-node1 '$BIN_DIR/kubectl' --kubeconfig '$DIR/kubeconfig/node1.kubeconfig' get --raw /readyz)\" == ok ]]"
 check "node2 can list networkpolicies (RBAC weft-agent)" KN node2 get networkpolicies -A

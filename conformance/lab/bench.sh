@@ -94,7 +94,7 @@ add_bench() { # prefix count label -> ADD latency of `count` new pods on node $A
   conf "$ADD_NODE" >"$list.conf"
   log "CNI ADD of $n pods on node $ADD_NODE ($label)"
   local out
-  out=$(ip netns exec "$(node_ns "$ADD_NODE")" "$NB" cni-add "$CNI" "$list.conf" "$list") || { echo "$out" | grep FAILED | head -3 >&2; die "CNI ADD failed"; }
+  out=$(ip netns exec "$(node_ns "$ADD_NODE")" "$NB" cni-add "$CNI" "$list.conf" "$list") || { echo "$out" | grep FAILED | sed -n 1,3p >&2; die "CNI ADD failed"; }
   report "cni_add[$label]: $(grep '^summary' <<<"$out")"
   rm -f "$list" "$list.conf"
 }
@@ -206,7 +206,7 @@ wait_applied 2 networkpolicies "$rv"
 log "policies created and applied on nodes 1 and 2 in $((SECONDS - started)) s"
 report "node1 table (sets, elements, chains, rules): $(state 1 | jq -c '[.table.sets, .table.elements, .table.chains, .table.rules]' 2>/dev/null || echo '?')"
 # The policies are in force: a pod that is not a client (p0, on node 3) no longer connects.
-if pod_exec p0 "$NB" connect "$SERVER" 9000 0.5 2>/dev/null | awk '{exit !($2 == 0)}'; then
+if pod_exec p0 "$NB" connect "$SERVER" 9000 0.5 2>/dev/null | awk 'NR == 1 {r = !($2 == 0)} END {exit r}'; then
   report "check: a non-client pod is refused by the server's policies (ok)"
 else
   report "check: a non-client pod still connects: the policies are NOT in force"

@@ -139,7 +139,7 @@ score() { # name t0 t1 converged nft-ops [judge options...]
   local name=$1 t0=$2 t1=$3 conv=$4 ops=$5; shift 5
   local res sent wrong trans
   res=$(python3 "$PROBER" judge --logs "$work/probes" --from "$t0" --to "$t1" "$@")
-  echo "$res" | grep -E 'WRONG|UNKNOWN' | head -20 >&2
+  echo "$res" | grep -E 'WRONG|UNKNOWN' | sed -n 1,20p >&2
   read -r sent wrong trans <<<"$(tail -1 <<<"$res" | sed -E 's/sent=([0-9]+) wrong=([0-9]+) transitional=([0-9]+).*/\1 \2 \3/')"
   row "$name" "$sent" "$wrong" "$trans" "$conv" "$ops" "$(watch_restarts)"
   log "$name: $(tail -1 <<<"$res"), converged ${conv}s, nft ops $ops"
@@ -332,7 +332,7 @@ set_agent_bin() { # i binary: the next restart-agent of node i starts this binar
 }
 schema_of() { # i table -> the schema in the kernel's table comment (independent reader: nft;
   # nft 1.0.6's JSON leaves table comments out, its text has them)
-  ip netns exec "$P-node$1" nft list table inet "$2" 2>/dev/null | sed -n 's/^\s*comment "weft schema=\([0-9]*\)"$/\1/p' | head -1
+  ip netns exec "$P-node$1" nft list table inet "$2" 2>/dev/null | sed -n 's/^\s*comment "weft schema=\([0-9]*\)"$/\1/p' | sed -n 1p
 }
 schema_is() { # schema: every node's weft and weft-nat tables carry it
   local i t
@@ -525,7 +525,7 @@ if want 6; then
   t_up=$(now)
   sleep 8; t1=$(now)
   rec=$(python3 "$PROBER" recovery --logs "$work/probes" --pods shop/admin --from "$t_up" --to "$t1" --expect "$CUR")
-  grep 'NOT RECOVERED' <<<"$rec" | head >&2
+  grep 'NOT RECOVERED' <<<"$rec" | sed -n 1,10p >&2
   recovery=$(tail -1 <<<"$rec" | sed -E 's/recovery=([0-9.]+).*/\1/')
   c=$(started=$t_up converge 3)
   score "6 node3 link down ${LINK_DOWN} s; node3 pairs back in ${recovery} s" "$t0" "$t1" "$c" "$(($(sum_metric weft_nft_ops_total) - o0))" --expect "$CUR" \
@@ -635,9 +635,9 @@ EOF
   sleep 5; t1=$(now)
   res=$(python3 "$PROBER" judge --logs "$work/probes-new" --from "${t_add:-0}" --to "$t1" --expect "$CUR" \
     --truth "shop/api>shop/new:5432/pod=1,shop/api>shop/new:5432/udp/pod=0,shop/api>shop/new:8080/pod=0,clients/ui>shop/new:5432/pod=0,clients/ui>shop/new:5432/udp/pod=0,clients/ui>shop/new:8080/pod=0,shop/admin>shop/new:5432/pod=0,shop/admin>shop/new:5432/udp/pod=0,shop/admin>shop/new:8080/pod=0")
-  grep -E 'WRONG|UNKNOWN' <<<"$res" | head >&2
+  grep -E 'WRONG|UNKNOWN' <<<"$res" | sed -n 1,10p >&2
   read -r sent wrong trans <<<"$(tail -1 <<<"$res" | sed -E 's/sent=([0-9]+) wrong=([0-9]+) transitional=([0-9]+).*/\1 \2 \3/')"
-  first=$(awk '$1 == "P" {print $2}' "$work"/probes-new/*.log | sort -n | head -1)
+  first=$(awk '$1 == "P" {print $2}' "$work"/probes-new/*.log | sort -n | sed -n 1p)
   gap=$(calc "${first:-0} - ${t_add:-0}")
   refused=$(awk '$1 == "P" && $5 == 0 && $6 != "timeout"' "$work"/probes-new/*.log | wc -l)
   allowed_ok=$(awk '$1 == "P" && $4 == "shop/api>shop/new:5432/pod" && $5 == 1' "$work"/probes-new/*.log | wc -l)

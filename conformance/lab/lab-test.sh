@@ -27,7 +27,7 @@ check second_round
 # The operator's tools against node 1's agent.
 W=${CARGO_TARGET_DIR:-$HERE/../../target}/debug/weft
 S=$WEFT_LAB_DIR/run/node1/agent.sock
-explained_allowed() { "$W" explain clients/ui shop/api 8080/tcp --socket "$S" | grep -q 'allowed by shop/api-from-ui ingress\[0\]'; }
+explained_allowed() { "$W" explain clients/ui shop/api 8080/tcp --socket "$S" | grep 'allowed by shop/api-from-ui ingress\[0\]' >/dev/null; }
 check explained_allowed
 explained_denied() {
   "$W" explain clients/batch shop/api 8080/tcp --socket "$S" >"$out.x"
@@ -74,7 +74,7 @@ peer_seen() { # client-netns server-netns addr port -> prints the peer address t
 outside_is_masqueraded() {
   local seen; seen=$(peer_seen $P-pod-shop-api $P-host 198.18.0.1 19999)
   [[ $seen == 198.18.0.11 ]] || { echo "  host saw $seen, want node1's 198.18.0.11"; return 1; }
-  ip netns exec $P-node1 nft list table inet weft-nat | grep -q 'ip saddr @cluster-v4 ip daddr != @cluster-v4 counter packets [1-9]'
+  ip netns exec $P-node1 nft list table inet weft-nat | grep 'ip saddr @cluster-v4 ip daddr != @cluster-v4 counter packets [1-9]' >/dev/null
 }
 check outside_is_masqueraded
 pod_to_pod_keeps_its_source() {

@@ -106,7 +106,7 @@ mounted_secret_is() { # node-index file
 mounted_0400_read_only() {
   local f pid; f=$(secret_file "$1"); pid=$(agent_pid "$1")
   [[ $(stat -L -c %a "/proc/$pid/root$f") == 400 ]] &&
-    awk -v m="$(dirname "$f")" '$5 == m {print $6}' "/proc/$pid/mountinfo" | grep -q '^ro\(,\|$\)'
+    awk -v m="$(dirname "$f")" '$5 == m {print $6}' "/proc/$pid/mountinfo" | grep '^ro\(,\|$\)' >/dev/null
 }
 # The machine's (the test's) mount namespace has no such mount and no such file.
 not_in_root_mount_ns() { local f; f=$(secret_file 1); [[ ! -e $f ]] && ! awk -v m="$(dirname "$f")" '$5 == m {f = 1} END {exit !f}' /proc/self/mountinfo; }
@@ -115,8 +115,8 @@ said_it_read_the_file() { grep -q "mesh: the cluster secret is read from the fil
 secret_not_exposed() {
   local v pid; v=$(tr -d '\n' <"$T/secret-api"); pid=$(agent_pid "$1")
   [[ ${#v} -ge 16 ]] || return 1
-  ! tr '\0' '\n' <"/proc/$pid/cmdline" | grep -qF -- "$v" &&
-    ! tr '\0' '\n' <"/proc/$pid/environ" | grep -qF -- "$v" &&
+  ! tr '\0' '\n' <"/proc/$pid/cmdline" | grep -F -- "$v" >/dev/null &&
+    ! tr '\0' '\n' <"/proc/$pid/environ" | grep -F -- "$v" >/dev/null &&
     ! grep -qF -- "$v" "$DIR/run/node$1/agent.cmd" "$DIR/logs/agent-node$1.log"
 }
 lab_secret_is_the_apis() { cmp -s "$T/secret-api" "$DIR/mesh-secret"; }
@@ -288,7 +288,7 @@ check peer_is 3 2 path direct
 # node1's WireGuard peer node2 now carries node3's podCIDR.
 allowed_via_node2() {
   local key2; key2=$(mesh 2 | jq -r .encryption.public_key)
-  awk -v k="$key2" '/^\[Peer\]/{p=0} $0 == "PublicKey = " k {p=1} p && /^AllowedIPs/' "$DIR/run/node1/wg/wgweft.conf" | grep -qF "${C[3]}"
+  awk -v k="$key2" '/^\[Peer\]/{p=0} $0 == "PublicKey = " k {p=1} p && /^AllowedIPs/' "$DIR/run/node1/wg/wgweft.conf" | grep -F "${C[3]}" >/dev/null
 }
 check allowed_via_node2
 check wait_until 10 echo_ok a "$C"

@@ -44,6 +44,7 @@ pub mod path;
 pub mod replay;
 #[cfg(feature = "userspace-wg")]
 pub mod tun_offload;
+pub mod tunnel_probe;
 #[cfg(feature = "userspace-wg")]
 pub mod udp_gso;
 pub mod wg;

@@ -5,10 +5,13 @@
 //! skips. Namespaces are `<prefix>-<pid>-<tag>-{a,b}` (prefix `$WEFT_NETNS_PREFIX`, default
 //! `weft-mesh-t`) and are always removed; nothing touches the root namespace.
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use weft_mesh::tunnel_probe::TunnelProber;
 use weft_mesh::wg::{DeviceConfig, PeerConfig, userspace};
 
 const WG: &str = env!("CARGO_BIN_EXE_weft-wg");
@@ -486,6 +489,164 @@ fn a_bulk_transfer_arrives_intact_sent_segmented_and_written_merged_in_both_fami
         "a's weft-wg sent runs of datagrams in one send each ({datagrams} datagrams, {sends} sends):\n{}",
         logs[0]
     );
+}
+
+/// Echo probes through the tunnel (`tunnel_probe`: how the agent's mesh notices a WireGuard
+/// session that carries nothing while the control connection is fine). Run in a's namespace
+/// against b's tunnel addresses (IPv4 and IPv6): answered. With WireGuard's UDP port dropped
+/// in b (an nft table in b's namespace, whose counter shows the drops: nft is the independent
+/// reader): silent. The drop removed: answered again. The prober runs as a child test process
+/// in a's namespace (`ip netns exec a <this test binary> --exact tunnel_probe_child`).
+#[test]
+fn echo_probes_through_the_tunnel_are_answered_and_fall_silent_when_wireguards_port_is_dropped() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let lab = Lab::new("probe");
+    let exe = std::env::current_exe().expect("test binary");
+    let child = |expect: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &lab.a])
+            .arg(&exe)
+            .args(["--exact", "tunnel_probe_child", "--ignored", "--nocapture"])
+            .env("WEFT_PROBE_EXPECT", expect)
+            .env("WEFT_PROBE_TARGETS", "198.19.0.2,fd00:10:244:ff::2")
+            .output()
+            .expect("child test");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "probes expected {expect}:\n{text}"
+        );
+    };
+    child("answered");
+    let b = lab.b.clone();
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &b,
+        "nft",
+        "add",
+        "table",
+        "inet",
+        "probe-block",
+    ]);
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &b,
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "probe-block",
+        "in",
+        "{ type filter hook input priority -300; }",
+    ]);
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &b,
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "probe-block",
+        "in",
+        "udp",
+        "dport",
+        "51820",
+        "counter",
+        "drop",
+    ]);
+    child("silent");
+    let listed = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &b,
+            "nft",
+            "-j",
+            "list",
+            "table",
+            "inet",
+            "probe-block",
+        ])
+        .output()
+        .expect("nft");
+    let json: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("nft -j");
+    let dropped = json["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o["rule"]["expr"].as_array())
+        .flatten()
+        .filter_map(|e| e["counter"]["packets"].as_u64())
+        .sum::<u64>();
+    assert!(dropped >= 2, "WireGuard datagrams dropped in b: {dropped}");
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        &b,
+        "nft",
+        "delete",
+        "table",
+        "inet",
+        "probe-block",
+    ]);
+    child("answered");
+}
+
+/// The prober's side of the test above; does nothing unless that test runs it.
+#[test]
+#[ignore = "run by echo_probes_through_the_tunnel_are_answered_and_fall_silent_when_wireguards_port_is_dropped"]
+fn tunnel_probe_child() {
+    let Ok(expect) = std::env::var("WEFT_PROBE_EXPECT") else {
+        return;
+    };
+    let targets: BTreeMap<String, IpAddr> = std::env::var("WEFT_PROBE_TARGETS")
+        .expect("targets")
+        .split(',')
+        .map(|a| (format!("peer-{a}"), a.parse().expect("address")))
+        .collect();
+    let prober = TunnelProber::start(Duration::from_millis(200)).expect("raw ICMP sockets");
+    for a in targets.values() {
+        assert!(prober.supports(a), "{a}: no raw socket of its family");
+    }
+    prober.set_targets(targets.clone());
+    let answered = |p: &TunnelProber| {
+        targets
+            .keys()
+            .filter(|t| p.last_answer(t).is_some())
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while answered(&prober) < targets.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if expect == "silent" {
+        // The whole 5 s passed without an answer.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (sent, matched, errors) = prober.counts();
+    println!("probes: sent {sent}, answers matched {matched}, send errors {errors}");
+    match expect.as_str() {
+        "answered" => assert_eq!(answered(&prober), targets.len(), "every target answered"),
+        "silent" => {
+            assert_eq!(answered(&prober), 0, "no target answered");
+            assert!(sent >= 2 * 20, "requests went out all along: {sent}");
+        }
+        other => panic!("WEFT_PROBE_EXPECT={other}"),
+    }
 }
 
 /// `cargo test --release -p weft-mesh --test wg_netns -- --ignored --nocapture`: iperf3

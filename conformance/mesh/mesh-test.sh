@@ -22,6 +22,13 @@
 #      weft-wg restarted (no session left): node3 reports node1 (weft_mesh_wireguard_failing_peers,
 #      /debug/mesh, log naming the port), its route to node1 stays on wgweft (no plaintext),
 #      both relay through node2, pods reach each other; unblocked: a session, direct again
+#   5c. WireGuard's UDP port blocked between node1 and node3 while their session is up (control
+#      TCP open, nothing restarted): the session carries nothing, which WireGuard would notice
+#      only at its expiry (180 s); the agents' echo probes through the tunnel see it: both ends
+#      report it (weft_mesh_wireguard_silent_peers, /debug/mesh, a log line naming the port) and
+#      relay through node2 within seconds; node3's tunnel address stays in node3's own
+#      AllowedIPs (the probes keep judging the direct session); pods reach each other;
+#      unblocked: direct again
 #   6. mixed mode: node3's agent restarted with --encryption off: the others route it over
 #      vxweft, the rest stays on wgweft, traffic flows both ways; blocked again, node3's route
 #      to node1 goes via node2's tunnel address (ip -j route), unblocked: direct again
@@ -264,6 +271,11 @@ check wait_until 5 counted oversize
 check peer_is 1 2 state established
 check echo_ok a "$B"
 
+# Nothing blocked so far: no agent judged a WireGuard session silent (the tunnel probes raise
+# no false alarm).
+no_silence_yet() { ! grep -h "carries nothing" "$DIR"/logs/agent-node*.log; }
+check no_silence_yet
+
 # --- 5. relay: node1 <-> node3 blocked on the underlay ---------------------------------------
 block() { # [more match, e.g. "udp dport 51820"]: node1 drops node3's underlay traffic (that part)
   in_node 1 nft -f - <<EOF
@@ -332,6 +344,42 @@ unblock
 check wait_until 60 failing_is 3 0
 check wait_until 40 peer_is 3 1 path direct
 check wait_until 20 peer_is 1 3 path direct
+check wait_until 10 echo_ok a "$C"
+
+# --- 5c. WireGuard's UDP port blocked between node1 and node3, their session up ---------------
+silent_is() { [[ $(metrics "$1" | awk '$1 == "weft_mesh_wireguard_silent_peers" {print $2}') == "$2" ]]; }
+check wait_until 10 echo_ok a "$C"
+check peer_is 1 3 path direct
+check silent_is 1 0
+log "blocking WireGuard's UDP port between node1 and node3 with their session up"
+block "udp dport 51820"
+blocked_at=$SECONDS
+check wait_until 20 silent_is 1 1
+check wait_until 20 silent_is 3 1
+check wait_until 20 peer_is 1 3 path "via $(node 2)"
+check wait_until 20 peer_is 3 1 path "via $(node 2)"
+log "relayed $((SECONDS - blocked_at)) s after the block (WireGuard alone: 180 s or more)"
+tunnel_problem_shown() { [[ $(peer 1 3 wireguard_problem) == *"no answer through the WireGuard session"*"UDP port 51820"* ]]; }
+check tunnel_problem_shown
+silence_logged() { grep "the WireGuard session with the peer carries nothing" "$DIR/logs/agent-node1.log" >/dev/null; }
+check silence_logged
+# node1's WireGuard configuration: node2 carries node3's podCIDR, node3 keeps its tunnel address.
+node3_keeps_its_tunnel_address() {
+  local key3; key3=$(mesh 3 | jq -r .encryption.public_key)
+  awk -v k="$key3" '/^\[Peer\]/{p=0} $0 == "PublicKey = " k {p=1} p && /^AllowedIPs/' "$DIR/run/node1/wg/wgweft.conf" | grep -F "$(tunnel4 3)/32" >/dev/null
+}
+check allowed_via_node2
+check node3_keeps_its_tunnel_address
+check route_dev 1 3 wgweft
+check peer_is 1 2 path direct
+check peer_is 2 3 path direct
+check wait_until 15 echo_ok a "$C"
+check wait_until 15 echo_ok c "$A"
+log "unblocking WireGuard's UDP port"
+unblock
+check wait_until 30 silent_is 1 0
+check wait_until 30 peer_is 1 3 path direct
+check wait_until 20 peer_is 3 1 path direct
 check wait_until 10 echo_ok a "$C"
 
 # --- 6. mixed mode: node3 without encryption --------------------------------------------------

@@ -40,12 +40,14 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
+use weft_dataplane::ipam::tunnel_address;
 use weft_dataplane::overlay::PeerRoute;
 use weft_mesh::cluster::Admission;
 use weft_mesh::connection::{CloseReason, Misbehaviour, SessionConfig};
 use weft_mesh::message::MeshMessage;
 use weft_mesh::net::{MeshEvent, MeshNode, NetConfig, PeerLink};
 use weft_mesh::path::{Hysteresis, Path as MeshPath, PathTable};
+use weft_mesh::tunnel_probe::{TunnelProber, silence};
 use weft_mesh::wg::{DeviceConfig, PeerConfig, decode_key, encode_key};
 use weft_mesh::wire::RefuseReason;
 use weft_mesh::{ClusterKeys, Context, Identity, MeshMetrics, NodeName};
@@ -85,6 +87,12 @@ const ADOPT_WAIT: Duration = STARTUP_GRACE;
 /// node with encryption on never falls back to plaintext towards a peer that has it on too
 /// (its direct path counts as down, so a relay through a third node carries it if one can).
 const WG_SESSION_GRACE: Duration = Duration::from_secs(20);
+/// How long the echo probes through a peer's WireGuard session ([`TunnelProber`]) may go
+/// unanswered while its pods are routed into `wgweft` before the session counts as dead: its
+/// direct path is then judged down (as if a control probe had failed), so a third node relays
+/// within seconds instead of WireGuard's 180 s expiry. Probes go once a second; 5 s tolerates
+/// four lost in a row on a busy tunnel.
+const TUNNEL_SILENCE: Duration = Duration::from_secs(5);
 /// Default WireGuard UDP port.
 pub const DEFAULT_WG_PORT: u16 = weft_mesh::wg::DEFAULT_LISTEN_PORT;
 
@@ -232,9 +240,17 @@ pub struct PeerSnapshot {
     pub wireguard_handshake_age_seconds: Option<f64>,
     /// Round trip of the last answered probe, milliseconds.
     pub probe_rtt_ms: Option<f64>,
-    /// Both sides have WireGuard ready but no session has formed (or the last one expired).
+    /// Both sides have WireGuard ready but no session has formed (or the last one expired),
+    /// or the session no longer answers echo probes through the tunnel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard_problem: Option<String>,
+    /// Where its WireGuard session is probed (its tunnel address), while its pods are routed
+    /// into `wgweft`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_probe_target: Option<IpAddr>,
+    /// Seconds since the session last answered a probe (`None`: not yet in this period).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_answer_age_seconds: Option<f64>,
 }
 
 /// What `/metrics` and `/debug/mesh` read (set once when the mesh starts).
@@ -252,6 +268,8 @@ pub struct MeshShared {
     pub encrypted_peers: AtomicU64,
     /// Peers with WireGuard ready on both sides but no live session past the grace.
     pub wireguard_failing_peers: AtomicU64,
+    /// Peers whose WireGuard session has not answered an echo probe for `TUNNEL_SILENCE`.
+    pub wireguard_silent_peers: AtomicU64,
     /// The latest snapshot.
     pub snapshot: Mutex<MeshSnapshot>,
 }
@@ -302,11 +320,14 @@ pub fn render_metrics() -> String {
          # HELP weft_mesh_encrypted_peers Peers whose pods are reached over WireGuard.\n\
          # TYPE weft_mesh_encrypted_peers gauge\nweft_mesh_encrypted_peers {}\n\
          # HELP weft_mesh_wireguard_failing_peers Peers with WireGuard ready on both sides but no session (UDP port blocked?): their pods are not reached in plaintext.\n\
-         # TYPE weft_mesh_wireguard_failing_peers gauge\nweft_mesh_wireguard_failing_peers {}",
+         # TYPE weft_mesh_wireguard_failing_peers gauge\nweft_mesh_wireguard_failing_peers {}\n\
+         # HELP weft_mesh_wireguard_silent_peers Peers whose WireGuard session no longer answers echo probes through the tunnel (UDP port blocked after it formed?): relayed if a third node can.\n\
+         # TYPE weft_mesh_wireguard_silent_peers gauge\nweft_mesh_wireguard_silent_peers {}",
         g(&s.refused_peers),
         g(&s.wireguard_ready),
         g(&s.encrypted_peers),
-        g(&s.wireguard_failing_peers)
+        g(&s.wireguard_failing_peers),
+        g(&s.wireguard_silent_peers)
     );
     out
 }
@@ -398,6 +419,11 @@ struct PeerState {
     wg_waiting_since: Option<Instant>,
     /// The failure was logged (logged again when it clears).
     wg_failing_logged: bool,
+    /// The tunnel address its WireGuard session is probed at, and since when (its pods are
+    /// routed into `wgweft`); `None`: not probed.
+    tunnel_target: Option<(IpAddr, Instant)>,
+    /// Its session's silence was logged (logged again when it ends).
+    tunnel_silent_logged: bool,
 }
 
 impl PeerState {
@@ -413,6 +439,28 @@ impl PeerState {
             .map(|t| t.elapsed())
             .filter(|waited| *waited >= WG_SESSION_GRACE)
     }
+
+    /// How long its WireGuard session has not answered the probes through the tunnel, once
+    /// that reaches `TUNNEL_SILENCE`; `None` while it answers or is not probed.
+    fn tunnel_silent_for(&self, prober: Option<&TunnelProber>, name: &str) -> Option<Duration> {
+        let prober = prober?;
+        silence(
+            self.tunnel_target.map(|(_, since)| since),
+            prober.last_answer(name),
+            Instant::now(),
+            TUNNEL_SILENCE,
+        )
+    }
+}
+
+/// Where a peer's WireGuard session is probed: the tunnel address of its first IPv4 podCIDR
+/// (else of its first IPv6 one) that the prober can reach.
+fn tunnel_probe_target(cidrs: &[IpNet], supports: impl Fn(&IpAddr) -> bool) -> Option<IpAddr> {
+    let addrs: Vec<IpAddr> = cidrs.iter().map(|c| tunnel_address(c.trunc())).collect();
+    let usable = |a: &&IpAddr| supports(a);
+    (addrs.iter().filter(|a| a.is_ipv4()).find(usable))
+        .or_else(|| addrs.iter().find(usable))
+        .copied()
 }
 
 /// Starts the mesh in the background and returns the routing the dataplane must follow. If
@@ -502,6 +550,16 @@ async fn bring_up(
         }
         None => Vec::new(),
     };
+    let prober = match &wireguard {
+        Some(_) => match TunnelProber::start(Duration::from_secs(1)) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warn!(error = %e, "mesh: no echo probes through the WireGuard tunnel (a raw ICMP socket needs CAP_NET_RAW): a session that dies after it formed is noticed only when WireGuard expires it (about 200 s)");
+                None
+            }
+        },
+        None => None,
+    };
     let (shutdown_tx, shutdown) = watch::channel(false);
     tokio::spawn(node.clone().serve(listener, shutdown.clone()));
     let identity_b64 = encode_key(&node.context().identity.public_key());
@@ -517,6 +575,7 @@ async fn bring_up(
         node,
         shared: shared.clone(),
         wireguard,
+        prober,
         adopted,
         seen_self: false,
         advertised: None,
@@ -543,6 +602,9 @@ struct Mesh {
     node: Arc<MeshNode>,
     shared: Arc<MeshShared>,
     wireguard: Option<Wireguard>,
+    /// Echo probes through each peer's WireGuard session (with encryption on; `None` also when
+    /// no raw ICMP socket could be opened: then a dead session is noticed only at its expiry).
+    prober: Option<TunnelProber>,
     /// Peers of the WireGuard configuration a previous run left, not matched to a member
     /// yet (by endpoint address); dropped after `ADOPT_WAIT`.
     adopted: Vec<PeerConfig>,
@@ -872,7 +934,24 @@ impl Mesh {
         let now = Instant::now();
         let mut probes = Vec::new();
         let mut expired = Vec::new();
+        let mut silent_peers = 0u64;
         for (name, st) in &mut self.peers {
+            let silent = st.tunnel_silent_for(self.prober.as_ref(), name.as_str());
+            match (silent, st.tunnel_silent_logged) {
+                (Some(quiet), false) => {
+                    let port = st.wg.map_or(0, |a| a.port);
+                    error!(peer = %name, udp_port = port, silent_s = quiet.as_secs(), target = ?st.tunnel_target.map(|(a, _)| a), "mesh: the WireGuard session with the peer carries nothing: no answer to echo probes through the tunnel for {} s. Is UDP port {port} blocked between the nodes? Its pods are relayed through a third node if one can, otherwise unreachable from here (never plaintext)", quiet.as_secs());
+                    st.tunnel_silent_logged = true;
+                }
+                (None, true) => {
+                    if st.tunnel_target.is_some() {
+                        info!(peer = %name, "mesh: the WireGuard session with the peer answers through the tunnel again");
+                    }
+                    st.tunnel_silent_logged = false;
+                }
+                _ => {}
+            }
+            silent_peers += u64::from(silent.is_some());
             // The previous probe answered within the interval, over a live connection (a
             // connection that has not probed yet is no observation).
             let live = st.live_link().is_some();
@@ -885,10 +964,13 @@ impl Mesh {
                 expired.push(name.clone());
             }
             if (!live && !starting && !restarting) || (live && st.sent_seq > 0) {
-                // A WireGuard path that cannot form a session is a broken direct path too.
+                // A WireGuard path that cannot form a session, or whose session carries
+                // nothing, is a broken direct path too.
                 probes.push((
                     name.clone(),
-                    live && st.acked_seq == st.sent_seq && st.wg_failing_for().is_none(),
+                    live && st.acked_seq == st.sent_seq
+                        && st.wg_failing_for().is_none()
+                        && silent.is_none(),
                 ));
             }
             if let Some(l) = st.live_link().cloned() {
@@ -897,6 +979,9 @@ impl Mesh {
                 l.try_send(MeshMessage::Probe(st.sent_seq).encode());
             }
         }
+        self.shared
+            .wireguard_silent_peers
+            .store(silent_peers, Ordering::Relaxed);
         if !self.adopted.is_empty() && self.started.elapsed() >= ADOPT_WAIT {
             info!(
                 peers = self.adopted.len(),
@@ -1071,7 +1156,15 @@ impl Mesh {
             let (Some(adv), None) = (st.wg, st.refused) else {
                 continue;
             };
-            let ips: BTreeSet<IpNet> = allowed.get(name).into_iter().flatten().copied().collect();
+            let mut ips: BTreeSet<IpNet> =
+                allowed.get(name).into_iter().flatten().copied().collect();
+            // Its tunnel addresses always take its own session, even while its pods are
+            // relayed: the echo probes judge exactly the direct session.
+            ips.extend(
+                m.pod_cidrs
+                    .iter()
+                    .map(|c| IpNet::from(tunnel_address(c.trunc()))),
+            );
             peers.push(PeerConfig {
                 public_key: adv.public_key,
                 endpoint: Some(SocketAddr::new(m.addr, adv.port)),
@@ -1087,9 +1180,34 @@ impl Mesh {
         })
     }
 
+    /// Probes, through the tunnel, every peer whose pods are routed into `wgweft` (directly or
+    /// relayed), at its tunnel address; a peer that starts being probed starts a new period.
+    fn retarget_tunnel_probes(&mut self, routes: &BTreeMap<String, PeerRoute>) {
+        let Some(prober) = &self.prober else {
+            return;
+        };
+        let now = Instant::now();
+        let mut targets = BTreeMap::new();
+        for (name, st) in &mut self.peers {
+            let target = self
+                .members
+                .get(name)
+                .filter(|_| routes.get(name.as_str()) == Some(&PeerRoute::Wireguard))
+                .and_then(|m| tunnel_probe_target(&m.pod_cidrs, |a| prober.supports(a)));
+            if target != st.tunnel_target.map(|(a, _)| a) {
+                st.tunnel_target = target.map(|a| (a, now));
+            }
+            if let Some(a) = target {
+                targets.insert(name.to_string(), a);
+            }
+        }
+        prober.set_targets(targets);
+    }
+
     /// Recomputes routes, the WireGuard configuration, metrics and the snapshot.
     fn update(&mut self) {
         let routes = self.routes();
+        self.retarget_tunnel_probes(&routes);
         // Not before the node list is known: a configuration computed without members
         // would drop every peer from the device (and their sessions) for nothing.
         if self.seen_self
@@ -1188,13 +1306,26 @@ impl Mesh {
                     wireguard_handshake_age_seconds: adv
                         .and_then(|a| wg.and_then(|w| w.handshake_age(&a.public_key))),
                     probe_rtt_ms: st.and_then(|s| s.rtt).map(|d| d.as_secs_f64() * 1000.0),
-                    wireguard_problem: st.and_then(PeerState::wg_failing_for).map(|waited| {
-                        format!(
-                            "no WireGuard session for {} s (UDP port {} blocked?)",
-                            waited.as_secs(),
-                            adv.map_or(0, |a| a.port)
-                        )
+                    wireguard_problem: st.and_then(|s| {
+                        let port = adv.map_or(0, |a| a.port);
+                        if let Some(waited) = s.wg_failing_for() {
+                            return Some(format!(
+                                "no WireGuard session for {} s (UDP port {port} blocked?)",
+                                waited.as_secs()
+                            ));
+                        }
+                        s.tunnel_silent_for(self.prober.as_ref(), name.as_str()).map(|quiet| {
+                            format!(
+                                "no answer through the WireGuard session for {} s (UDP port {port} blocked?)",
+                                quiet.as_secs()
+                            )
+                        })
                     }),
+                    tunnel_probe_target: st.and_then(|s| s.tunnel_target).map(|(a, _)| a),
+                    tunnel_answer_age_seconds: st
+                        .and_then(|s| s.tunnel_target)
+                        .and_then(|_| self.prober.as_ref()?.last_answer(name.as_str()))
+                        .map(|t| t.elapsed().as_secs_f64()),
                 }
             })
             .collect();
@@ -1363,6 +1494,30 @@ mod tests {
         assert_eq!(v["encryption"]["enabled"], false);
         let back: MeshSnapshot = serde_json::from_value(v).expect("back");
         assert_eq!(back, snap);
+    }
+
+    #[test]
+    fn a_peer_is_probed_at_its_first_reachable_tunnel_address_ipv4_first() {
+        let nets =
+            |s: &str| -> Vec<IpNet> { s.split(',').map(|c| c.parse().expect("net")).collect() };
+        let dual = nets("fd00:10:244:3::/64,10.244.3.0/24");
+        let all = |_: &IpAddr| true;
+        assert_eq!(
+            tunnel_probe_target(&dual, all),
+            Some("10.244.3.1".parse().unwrap())
+        );
+        // No IPv4 socket: its IPv6 tunnel address; neither family: not probed.
+        assert_eq!(
+            tunnel_probe_target(&dual, |a: &IpAddr| a.is_ipv6()),
+            Some("fd00:10:244:3::1".parse().unwrap())
+        );
+        assert_eq!(tunnel_probe_target(&dual, |_: &IpAddr| false), None);
+        assert_eq!(tunnel_probe_target(&[], all), None);
+        // Host bits of a podCIDR as written do not move the address.
+        assert_eq!(
+            tunnel_probe_target(&nets("10.244.7.9/24"), all),
+            Some("10.244.7.1".parse().unwrap())
+        );
     }
 
     #[test]

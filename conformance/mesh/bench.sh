@@ -219,6 +219,9 @@ for i in 1 2 3; do
   report "handshake[control connection, node$i]: mean $ms ms over $n handshakes"
 done
 
+# The echo probes through the tunnel under a saturated tunnel: no session judged silent.
+alarms=$(cat "$DIR"/logs/agent-node*.log | grep -c "carries nothing" || true)
+report "tunnel probes: $alarms silence alarm(s) in the agents' logs during the encrypted runs (expected 0)"
 log "both nodes' agents restarted with --encryption off (plain VXLAN)"
 for i in 1 2; do sed -i 's/--encryption on/--encryption off/' "$DIR/run/node$i/agent.cmd"; done
 bash "$LAB" restart-agent 1 TERM 0 >/dev/null 2>&1

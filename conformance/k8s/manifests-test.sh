@@ -24,7 +24,10 @@ kc() { bash "$HERE/cluster.sh" kubectl "$DIR/cluster" "$@"; }
 
 bash "$HERE/cluster.sh" up "$DIR/cluster" >/dev/null 2>"$DIR/up.log" || { tail -20 "$DIR/up.log"; echo "manifests-test: 0 passed, 1 failed"; exit 1; }
 # kubectl runs in the host namespace: give it the manifests through stdin (kustomize output).
-kustomized() { (cd "$REPO/manifests" && cat rbac.yaml; echo ---; cat configmap.yaml; echo ---; cat daemonset.yaml); }
+kustomized() { (cd "$REPO/manifests" && cat rbac.yaml; echo ---; cat node-policy.yaml; echo ---; cat configmap.yaml; echo ---; cat daemonset.yaml); }
+# Every file the kustomization lists is in what this test applies.
+all_listed_applied() { diff <(sed -n 's/^- //p' "$REPO/manifests/kustomization.yaml" | sort) <(printf '%s\n' rbac.yaml node-policy.yaml configmap.yaml daemonset.yaml | sort); }
+check all_listed_applied
 dry_run() { kustomized | kc apply --dry-run=server -f - >/dev/null; }
 check dry_run
 applied() { kustomized | kc apply -f - >/dev/null && kc -n kube-system get daemonset weft >/dev/null; }
@@ -38,6 +41,70 @@ done
 for v in "get secrets" "update pods" "delete networkpolicies.networking.k8s.io" "create pods" "patch nodes --subresource=status"; do
   check cannot $v
 done
+# What RBAC cannot narrow, the admission policy does (manifests/node-policy.yaml): as the
+# agent's ServiceAccount, a Node's weft.dev/mesh-identity annotation may change and nothing
+# else (refused with the policy's message, the Node unchanged); another user's changes pass.
+kc create -f - >/dev/null <<'EOF'
+apiVersion: v1
+kind: Node
+metadata: {name: mt-policy-node, labels: {kubernetes.io/hostname: mt-policy-node}, annotations: {team: infra}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: mt-policy-other}
+EOF
+as_sa() { kc "$@" --as=$SA >/dev/null 2>"$DIR/as_sa.err"; }
+refused_by_policy() { # kubectl args... : refused by the policy with one of its messages (not an error in it)
+  ! as_sa "$@" && grep -F "ValidatingAdmissionPolicy 'weft-agent-node-changes'" "$DIR/as_sa.err" >/dev/null &&
+    grep -F "denied request: the weft agent may" "$DIR/as_sa.err" >/dev/null || { cat "$DIR/as_sa.err"; return 1; }
+}
+# The API server loads a new policy within moments: wait (server dry runs change nothing).
+policy_loaded() {
+  local i
+  for i in $(seq 1 50); do
+    refused_by_policy label node mt-policy-node probe=1 --dry-run=server >/dev/null && return 0
+    sleep 0.2
+  done
+  return 1
+}
+check policy_loaded
+node_json() { kc get node "$1" -o json; }
+publishes_identity() {
+  as_sa annotate node mt-policy-node weft.dev/mesh-identity=AAAA --overwrite || { cat "$DIR/as_sa.err"; return 1; }
+  [[ $(node_json mt-policy-node | jq -r '.metadata.annotations["weft.dev/mesh-identity"]') == AAAA ]]
+}
+check publishes_identity
+check refused_by_policy label node mt-policy-node extra=1
+check refused_by_policy annotate node mt-policy-node team=other --overwrite
+check refused_by_policy annotate node mt-policy-node added=1
+check refused_by_policy annotate node mt-policy-node team-
+check refused_by_policy patch node mt-policy-node --type=merge -p '{"spec":{"unschedulable":true}}'
+check refused_by_policy patch node mt-policy-node --type=merge -p '{"metadata":{"finalizers":["example.com/hold"]}}'
+node_unchanged() {
+  node_json mt-policy-node | jq -e '.metadata.labels == {"kubernetes.io/hostname": "mt-policy-node"}
+    and .metadata.annotations == {"team": "infra", "weft.dev/mesh-identity": "AAAA"}
+    and (.spec.unschedulable // false) == false and (.metadata.finalizers // []) == []' >/dev/null
+}
+check node_unchanged
+others_unaffected() { kc label node mt-policy-node extra=1 >/dev/null && kc label node mt-policy-node extra- >/dev/null; }
+check others_unaffected
+# A token bound to a Node (as kubelet's pod-bound tokens carry the node's name): that Node's
+# annotation only, not another's.
+KUBECTL_BIN=$(. "$DIR/cluster/state/env"; echo "$BIN_DIR/kubectl")
+bound_token=$(kc -n kube-system create token weft --duration=10m --bound-object-kind=Node --bound-object-name=mt-policy-node)
+as_bound() { # kubectl args... as the node-bound token
+  ip netns exec weft-mt-host "$KUBECTL_BIN" --server=https://127.0.0.1:6443 \
+    --certificate-authority="$DIR/cluster/pki/ca.crt" --token="$bound_token" --request-timeout=20s "$@" >/dev/null 2>"$DIR/as_bound.err"
+}
+own_node_only() {
+  as_bound annotate node mt-policy-node weft.dev/mesh-identity=BBBB --overwrite || { cat "$DIR/as_bound.err"; return 1; }
+  ! as_bound annotate node mt-policy-other weft.dev/mesh-identity=BBBB --overwrite &&
+    grep -F "denied request: the weft agent may change only the Node its token was issued for" "$DIR/as_bound.err" >/dev/null || { cat "$DIR/as_bound.err"; return 1; }
+  [[ $(node_json mt-policy-other | jq -r '.metadata.annotations["weft.dev/mesh-identity"] // "none"') == none ]]
+}
+check own_node_only
+kc delete node mt-policy-node mt-policy-other >/dev/null
+
 # The agent under the ServiceAccount's token only, with the DaemonSet's args.
 token=$(kc -n kube-system create token weft --duration=10m)
 cat >"$DIR/sa.kubeconfig" <<KC

@@ -6,7 +6,8 @@
 #
 #   manifest-agent.sh prepare DIR KUBECTL...   once per lab: the DaemonSet and ConfigMap as the
 #                                              API server returns them (server-side dry run of
-#                                              manifests/daemonset.yaml; RBAC + ConfigMap applied
+#                                              manifests/daemonset.yaml; RBAC, the Node admission
+#                                              policy and the ConfigMap applied
 #                                              for real), and a ServiceAccount token for `weft`
 #   manifest-agent.sh run DIR NODE_NAME NODE_DIR APISERVER_HOST:PORT [EXTRA_AGENT_ARGS...]
 #                                              in the node's network namespace: exec's the agent
@@ -57,7 +58,7 @@ cmd_prepare() { # DIR KUBECTL...
   local dir=$1; shift
   local m=$dir/manifest
   mkdir -p "$m/sa"
-  "$@" apply -f "$REPO/manifests/rbac.yaml" -f "$REPO/manifests/configmap.yaml" >/dev/null
+  "$@" apply -f "$REPO/manifests/rbac.yaml" -f "$REPO/manifests/node-policy.yaml" -f "$REPO/manifests/configmap.yaml" >/dev/null
   # As the API server stores it (defaults filled in), without creating pods nobody would run.
   "$@" apply --dry-run=server -f "$REPO/manifests/daemonset.yaml" -o json >"$m/daemonset.json"
   "$@" -n kube-system get configmap weft-config -o json >"$m/configmap.json"

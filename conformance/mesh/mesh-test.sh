@@ -276,6 +276,18 @@ check echo_ok a "$B"
 no_silence_yet() { ! grep -h "carries nothing" "$DIR"/logs/agent-node*.log; }
 check no_silence_yet
 
+# After node1 <-> node3 is unblocked: their path direct again both ways, pods through.
+direct_again() {
+  check wait_until 40 peer_is 1 3 path direct
+  check wait_until 20 peer_is 3 1 path direct
+  check wait_until 10 echo_ok a "$C"
+}
+# While it is blocked: their pods still reach each other (relayed), both ways.
+reach_each_other() {
+  check wait_until 15 echo_ok a "$C"
+  check wait_until 15 echo_ok c "$A"
+}
+
 # --- 5. relay: node1 <-> node3 blocked on the underlay ---------------------------------------
 block() { # [more match, e.g. "udp dport 51820"]: node1 drops node3's underlay traffic (that part)
   in_node 1 nft -f - <<EOF
@@ -298,18 +310,17 @@ check peer_is 2 1 path direct
 check peer_is 2 3 path direct
 check peer_is 3 2 path direct
 # node1's WireGuard peer node2 now carries node3's podCIDR.
-allowed_via_node2() {
-  local key2; key2=$(mesh 2 | jq -r .encryption.public_key)
-  awk -v k="$key2" '/^\[Peer\]/{p=0} $0 == "PublicKey = " k {p=1} p && /^AllowedIPs/' "$DIR/run/node1/wg/wgweft.conf" | grep -F "${C[3]}" >/dev/null
+allowed_of() { # node-index: the AllowedIPs lines of that node's peer entry in node1's wgweft.conf
+  local key; key=$(mesh "$1" | jq -r .encryption.public_key)
+  awk -v k="$key" '/^\[Peer\]/{p=0} $0 == "PublicKey = " k {p=1} p && /^AllowedIPs/' "$DIR/run/node1/wg/wgweft.conf"
 }
+allowed_via_node2() { allowed_of 2 | grep -F "${C[3]}" >/dev/null; }
 check allowed_via_node2
 check wait_until 10 echo_ok a "$C"
 check echo_ok c "$A"
 log "unblocking"
 unblock
-check wait_until 40 peer_is 1 3 path direct
-check wait_until 20 peer_is 3 1 path direct
-check wait_until 10 echo_ok a "$C"
+direct_again
 
 # --- 5b. WireGuard's UDP port blocked between node1 and node3, the control connection open ----
 # node3's weft-wg restarted meanwhile (its device and sessions new): no WireGuard session can
@@ -337,14 +348,11 @@ check wait_until 30 peer_is 3 1 path "via $(node 2)"
 check wait_until 30 peer_is 1 3 path "via $(node 2)"
 check route_dev 3 1 wgweft
 check peer_is 3 2 path direct
-check wait_until 15 echo_ok c "$A"
-check wait_until 15 echo_ok a "$C"
+reach_each_other
 log "unblocking WireGuard's UDP port"
 unblock
 check wait_until 60 failing_is 3 0
-check wait_until 40 peer_is 3 1 path direct
-check wait_until 20 peer_is 1 3 path direct
-check wait_until 10 echo_ok a "$C"
+direct_again
 
 # --- 5c. WireGuard's UDP port blocked between node1 and node3, their session up ---------------
 silent_is() { [[ $(metrics "$1" | awk '$1 == "weft_mesh_wireguard_silent_peers" {print $2}') == "$2" ]]; }
@@ -364,23 +372,17 @@ check tunnel_problem_shown
 silence_logged() { grep "the WireGuard session with the peer carries nothing" "$DIR/logs/agent-node1.log" >/dev/null; }
 check silence_logged
 # node1's WireGuard configuration: node2 carries node3's podCIDR, node3 keeps its tunnel address.
-node3_keeps_its_tunnel_address() {
-  local key3; key3=$(mesh 3 | jq -r .encryption.public_key)
-  awk -v k="$key3" '/^\[Peer\]/{p=0} $0 == "PublicKey = " k {p=1} p && /^AllowedIPs/' "$DIR/run/node1/wg/wgweft.conf" | grep -F "$(tunnel4 3)/32" >/dev/null
-}
+node3_keeps_its_tunnel_address() { allowed_of 3 | grep -F "$(tunnel4 3)/32" >/dev/null; }
 check allowed_via_node2
 check node3_keeps_its_tunnel_address
 check route_dev 1 3 wgweft
 check peer_is 1 2 path direct
 check peer_is 2 3 path direct
-check wait_until 15 echo_ok a "$C"
-check wait_until 15 echo_ok c "$A"
+reach_each_other
 log "unblocking WireGuard's UDP port"
 unblock
 check wait_until 30 silent_is 1 0
-check wait_until 30 peer_is 1 3 path direct
-check wait_until 20 peer_is 3 1 path direct
-check wait_until 10 echo_ok a "$C"
+direct_again
 
 # --- 6. mixed mode: node3 without encryption --------------------------------------------------
 log "node3's agent restarted with --encryption off"

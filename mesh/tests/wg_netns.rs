@@ -252,6 +252,26 @@ impl Lab {
 }
 
 /// Sends `file` from namespace `ns` to the socat address `connect` (bounded to 60 s).
+/// Runs an nft script in `ns` (`nft -f -`).
+fn nft_in(ns: &str, script: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("nft script");
+    assert!(
+        child.wait().expect("nft").success(),
+        "nft in {ns}: {script}"
+    );
+}
+
 fn send_file(ns: &str, file: &Path, connect: &str) {
     run(&[
         "ip",
@@ -526,47 +546,10 @@ fn echo_probes_through_the_tunnel_are_answered_and_fall_silent_when_wireguards_p
     };
     child("answered");
     let b = lab.b.clone();
-    run(&[
-        "ip",
-        "netns",
-        "exec",
+    nft_in(
         &b,
-        "nft",
-        "add",
-        "table",
-        "inet",
-        "probe-block",
-    ]);
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        &b,
-        "nft",
-        "add",
-        "chain",
-        "inet",
-        "probe-block",
-        "in",
-        "{ type filter hook input priority -300; }",
-    ]);
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        &b,
-        "nft",
-        "add",
-        "rule",
-        "inet",
-        "probe-block",
-        "in",
-        "udp",
-        "dport",
-        "51820",
-        "counter",
-        "drop",
-    ]);
+        "table inet probe-block {\n chain in { type filter hook input priority -300; udp dport 51820 counter drop; }\n}\n",
+    );
     child("silent");
     let listed = Command::new("ip")
         .args([
@@ -592,17 +575,7 @@ fn echo_probes_through_the_tunnel_are_answered_and_fall_silent_when_wireguards_p
         .filter_map(|e| e["counter"]["packets"].as_u64())
         .sum::<u64>();
     assert!(dropped >= 2, "WireGuard datagrams dropped in b: {dropped}");
-    run(&[
-        "ip",
-        "netns",
-        "exec",
-        &b,
-        "nft",
-        "delete",
-        "table",
-        "inet",
-        "probe-block",
-    ]);
+    nft_in(&b, "delete table inet probe-block");
     child("answered");
 }
 

@@ -95,15 +95,18 @@ check conflist_names_the_agent
 # the isolating policy, and in the agent's weft_drops_logged_total.
 api_ip() { awk '{print $1}' "$WEFT_LAB_DIR/pods/shop_api.ips"; }
 flow_names_its_rule() {
-  local pid json
+  local pid json i found=1
   ip netns exec $P-pod-clients-ui timeout 20 socat -T20 - "TCP:$(api_ip):8080,connect-timeout=2" </dev/null >/dev/null 2>&1 &
   pid=$!
-  sleep 1
-  json=$(ip netns exec $P-node1 "$W" flows --json)
+  for i in $(seq 1 25); do  # the connection is up within moments; 5 s at most
+    sleep 0.2
+    json=$(ip netns exec $P-node1 "$W" flows --json)
+    jq -e --arg ip "$(api_ip)" '[.flows[] | select(.dst == $ip and .dport == 8080)
+        | .admitted_by.ingress.rules[]? | select(startswith("shop/api-from-ui ingress[0]"))] | length >= 1' <<<"$json" >/dev/null \
+      && { found=0; break; }
+  done
   kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
-  jq -e --arg ip "$(api_ip)" '[.flows[] | select(.dst == $ip and .dport == 8080)
-      | .admitted_by.ingress.rules[]? | select(startswith("shop/api-from-ui ingress[0]"))] | length >= 1' <<<"$json" >/dev/null \
-    || { echo "  flows: $(head -c 600 <<<"$json")"; return 1; }
+  ((found == 0)) || { echo "  flows: $(head -c 600 <<<"$json")"; return 1; }
 }
 check flow_names_its_rule
 drop_shown_with_its_policy() {

@@ -215,9 +215,14 @@ struct AgentArgs {
     /// TCP port of the mesh's control connections (the same on every node).
     #[arg(long, env = "WEFT_MESH_PORT", default_value_t = agent::mesh::DEFAULT_PORT)]
     mesh_port: u16,
-    /// Encrypt pod traffic between nodes with WireGuard (needs the mesh). Mixed mode: sent
-    /// encrypted only to nodes that advertise WireGuard ready, plain VXLAN to the others.
-    #[arg(long, env = "WEFT_ENCRYPTION", default_value = "off", value_parser = ["on", "off"])]
+    /// Encrypt pod traffic between nodes with WireGuard (needs the mesh). `on`, mixed mode:
+    /// sent encrypted only to nodes that advertise WireGuard ready, plain VXLAN to the others
+    /// (switching encryption on or off is a rolling restart without a partition). `required`:
+    /// never plaintext from this node: a node it cannot reach over WireGuard (encryption off
+    /// there, no session yet, or this node's own WireGuard not ready) gets an `unreachable`
+    /// route instead of VXLAN. Set it on every node once all run with encryption: then no pod
+    /// traffic crosses the underlay in plaintext.
+    #[arg(long, env = "WEFT_ENCRYPTION", default_value = "off", value_parser = ["on", "off", "required"])]
     encryption: String,
     /// WireGuard UDP port (the same on every node).
     #[arg(long, env = "WEFT_WIREGUARD_PORT", default_value_t = agent::mesh::DEFAULT_WG_PORT)]
@@ -448,7 +453,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
 /// when it is off (logged if it was asked for), `Err` with the exit code when the agent must
 /// not start (the reason printed).
 fn mesh_config(args: &AgentArgs) -> Result<Option<agent::mesh::MeshConfig>, ExitCode> {
-    let encryption = args.encryption == "on";
+    let encryption = args.encryption != "off";
     let source = match args
         .mesh_secret_file
         .clone()
@@ -491,6 +496,7 @@ fn mesh_config(args: &AgentArgs) -> Result<Option<agent::mesh::MeshConfig>, Exit
         listen_ip: args.underlay_ip,
         state_dir: args.state_dir.clone(),
         encryption,
+        encryption_required: args.encryption == "required",
         wg_port: args.wireguard_port,
         backend: match args.wireguard.as_str() {
             "userspace" => agent::mesh::WireguardBackend::Userspace,

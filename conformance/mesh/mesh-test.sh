@@ -32,6 +32,9 @@
 #   6. mixed mode: node3's agent restarted with --encryption off: the others route it over
 #      vxweft, the rest stays on wgweft, traffic flows both ways; blocked again, node3's route
 #      to node1 goes via node2's tunnel address (ip -j route), unblocked: direct again
+#   6c. --encryption required on node1: node3 (encryption off) unreachable from node1 instead
+#      of plain VXLAN, node2 encrypted; node1's weft-wg stopped: node2 unreachable from node1
+#      too and no VXLAN from node1 on the underlay; weft-wg back: encrypted again
 #   7. a wrong cluster secret on node3: the Secret replaced in the API and only node3's agent
 #      restarted (its volume gets the new value at its start; the others keep the secret they
 #      read at theirs: a rotation half rolled out): node3 refused by the others (log line,
@@ -202,9 +205,9 @@ check echo_ok a "$C"
 check echo_ok c "$B"
 MARKER="WEFT-MT9-PLAINTEXT-$RANDOM$RANDOM"
 # -Z root: tcpdump would otherwise write as its own user, which cannot write into $T.
-ip netns exec "$P-host" tcpdump -Z root -i br-underlay -U -n -w "$T/underlay.pcap" >"$T/tcpdump1.log" 2>&1 &
+ip netns exec "$P-host" tcpdump -Z root -i br-underlay --immediate-mode -U -n -w "$T/underlay.pcap" >"$T/tcpdump1.log" 2>&1 &
 CAP1=$!; BG+=("$CAP1")
-in_node 2 tcpdump -Z root -i wgweft -U -n -w "$T/inner.pcap" >"$T/tcpdump2.log" 2>&1 &
+in_node 2 tcpdump -Z root -i wgweft --immediate-mode -U -n -w "$T/inner.pcap" >"$T/tcpdump2.log" 2>&1 &
 CAP2=$!; BG+=("$CAP2")
 capturing() { grep -q "listening on" "$T/tcpdump1.log" && grep -q "listening on" "$T/tcpdump2.log"; }
 check wait_until 10 capturing
@@ -401,6 +404,58 @@ check wait_until 30 route_gw 3 1 "$(tunnel4 2)"
 check wait_until 10 echo_ok c "$A"
 unblock
 check wait_until 40 route_gw 3 1 "$(tunnel4 1)"
+
+# --- 6c. encryption required on node1 ----------------------------------------------------------
+# node1's agent restarted with --encryption required: node3 (encryption off since 6) becomes
+# unreachable from node1 instead of plain VXLAN, node2 stays encrypted. node1's weft-wg
+# stopped: node2 becomes unreachable from node1 too, and the underlay carries no VXLAN from
+# node1 (tcpdump on the lab's bridge); weft-wg started again: encrypted again. node1 back to
+# --encryption on afterwards.
+log "node1's agent restarted with --encryption required"
+sed -i 's/--encryption on/--encryption required/' "$DIR/run/node1/agent.cmd"
+bash "$LAB" restart-agent 1 TERM 0 >/dev/null 2>&1
+required_shown() { [[ $(mesh 1 | jq -r .encryption.required) == true ]]; }
+check wait_until 40 required_shown
+check wait_until 40 route_type 1 3 unreachable
+check wait_until 10 route_dev 1 2 wgweft
+check wait_until 10 echo_ok a "$B"
+check echo_fails a "$C"
+required_logged() { grep "encryption is required and the peer cannot be reached over WireGuard" "$DIR/logs/agent-node1.log" >/dev/null; }
+check required_logged
+log "node1's weft-wg stopped"
+# VXLAN from node1 on the lab's bridge, into $T/NAME.pcap (a fresh log per capture: waiting
+# for "listening on" in an old one would start the traffic before the capture; immediate mode
+# and a second's wait before stopping it: packets still in the kernel's ring are lost).
+vxlan_capture() { # NAME
+  rm -f "$T/$1.log" "$T/$1.pcap"
+  ip netns exec "$P-host" tcpdump -Z root -i br-underlay --immediate-mode -U -n -w "$T/$1.pcap" "udp port 4789 and src host $(node_ip 1)" >"$T/$1.log" 2>&1 &
+  CAP3=$!; BG+=("$CAP3")
+  wait_until 10 grep "listening on" "$T/$1.log" >/dev/null
+}
+captured() { tcpdump -n -r "$T/$1.pcap" 2>/dev/null | wc -l; }
+check vxlan_capture required
+kill "$(cat "$DIR/pids/weft-wg-node1.pid")"
+check wait_until 20 route_type 1 2 unreachable
+check echo_fails a "$B"
+check echo_fails a "$C"
+sleep 1; kill -TERM "$CAP3"; wait "$CAP3" 2>/dev/null
+no_vxlan_from_node1() { [[ -f $T/required.pcap ]] && (($(captured required) == 0)); }
+check no_vxlan_from_node1
+ip netns exec "$(node 1)" setsid "$TARGET/debug/weft-wg" run --config "$DIR/run/node1/wg/wgweft.conf" \
+  >>"$DIR/logs/weft-wg-node1.log" 2>&1 </dev/null &
+echo $! >"$DIR/pids/weft-wg-node1.pid"
+check wait_until 30 route_dev 1 2 wgweft
+check wait_until 15 echo_ok a "$B"
+log "node1's agent back to --encryption on"
+sed -i 's/--encryption required/--encryption on/' "$DIR/run/node1/agent.cmd"
+bash "$LAB" restart-agent 1 TERM 0 >/dev/null 2>&1
+check wait_until 40 route_dev 1 3 vxweft
+# The control for no_vxlan_from_node1: the same capture sees node1's VXLAN to node3 now.
+check vxlan_capture control
+check wait_until 10 echo_ok a "$C"
+sleep 1; kill -TERM "$CAP3"; wait "$CAP3" 2>/dev/null
+vxlan_from_node1_seen() { (($(captured control) >= 2)) || { cat "$T/control.log"; return 1; }; }
+check vxlan_from_node1_seen
 
 # --- 7. a wrong cluster secret ----------------------------------------------------------------
 log "the Secret replaced in the API, only node3's agent restarted: node3 has a wrong secret"

@@ -132,6 +132,9 @@ pub struct MeshConfig {
     pub state_dir: PathBuf,
     /// Encrypt pod traffic to peers that are ready for it.
     pub encryption: bool,
+    /// `--encryption required`: never plain VXLAN; a peer not reachable over WireGuard is
+    /// blocked instead.
+    pub encryption_required: bool,
     /// WireGuard UDP port (the same on every node).
     pub wg_port: u16,
     /// Userspace or kernel WireGuard.
@@ -203,8 +206,11 @@ pub struct MeshSnapshot {
 /// This node's WireGuard side.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EncryptionSnapshot {
-    /// `--encryption on`.
+    /// `--encryption on` (or `required`).
     pub enabled: bool,
+    /// `--encryption required`: never plain VXLAN from this node.
+    #[serde(default)]
+    pub required: bool,
     /// `userspace` or `kernel` (when enabled).
     pub backend: Option<WireguardBackend>,
     /// The device is up and configured: peers may send to us encrypted.
@@ -347,11 +353,14 @@ pub struct RouteInputs<'a> {
     pub refused: bool,
     /// Its path ([`PathTable`]); `None`: not probed yet.
     pub path: Option<&'a MeshPath>,
+    /// `--encryption required`: blocked rather than plain VXLAN.
+    pub encryption_required: bool,
 }
 
 /// The route of one peer (pure): refused → blocked; relayed through B → over WireGuard if
 /// `wg_ready(B)` else VXLAN via B; otherwise over WireGuard if `wg_ready(peer)` else VXLAN.
-/// `Unreachable` keeps the direct route: nothing better is known.
+/// With `--encryption required`, blocked wherever that would say VXLAN. `Unreachable` keeps
+/// the direct route: nothing better is known.
 pub fn decide_route(
     peer: &str,
     inputs: RouteInputs<'_>,
@@ -365,6 +374,8 @@ pub fn decide_route(
         Some(MeshPath::Relay { via }) => {
             if wg_ready(via.as_str()) {
                 PeerRoute::Wireguard
+            } else if inputs.encryption_required {
+                PeerRoute::Blocked
             } else {
                 PeerRoute::VxlanVia {
                     relay: via.to_string(),
@@ -373,6 +384,7 @@ pub fn decide_route(
             }
         }
         _ if wg_ready(peer) => PeerRoute::Wireguard,
+        _ if inputs.encryption_required => PeerRoute::Blocked,
         _ => PeerRoute::Vxlan,
     }
 }
@@ -1114,6 +1126,7 @@ impl Mesh {
                     RouteInputs {
                         refused,
                         path: self.table.path(name),
+                        encryption_required: self.cfg.encryption_required,
                     },
                     |p| self.wg_ready(p),
                     |p| {
@@ -1251,12 +1264,22 @@ impl Mesh {
             encryption: self.wireguard.is_some(),
             decided: self.seen_self,
         };
+        let required = self.cfg.encryption_required;
+        let refused = |peer: &str| {
+            NodeName::new(peer)
+                .ok()
+                .and_then(|p| self.peers.get(&p))
+                .is_some_and(|s| s.refused.is_some())
+        };
         self.routing.send_if_modified(|have| {
             let changed = *have != routing;
             if changed {
                 for (peer, r) in &routing.routes {
                     if have.routes.get(peer) != Some(r) {
                         info!(%peer, route = ?r, "mesh: route choice");
+                        if required && *r == PeerRoute::Blocked && !refused(peer) {
+                            warn!(%peer, "mesh: encryption is required and the peer cannot be reached over WireGuard (encryption off there, no session yet, or our own WireGuard not ready): its pods are unreachable from here, never sent in plaintext");
+                        }
                     }
                 }
                 *have = routing;
@@ -1336,6 +1359,7 @@ impl Mesh {
             identity_published: self.identity_published,
             encryption: EncryptionSnapshot {
                 enabled: wg.is_some(),
+                required: self.cfg.encryption_required,
                 backend: wg.map(|w| w.backend),
                 ready: wg.is_some_and(Wireguard::ready),
                 public_key: wg.and_then(|w| w.public_key).map(|k| encode_key(&k)),
@@ -1431,17 +1455,27 @@ mod tests {
                 PeerRoute::Wireguard,
             ),
         ];
-        for (what, refused, path, ready, want) in cases {
-            let got = decide_route(
-                "c",
-                RouteInputs {
-                    refused: *refused,
-                    path: *path,
-                },
-                |p| ready.contains(&p),
-                cidrs,
-            );
-            assert_eq!(&got, want, "{what}");
+        // `--encryption required`: the same, but never VXLAN: blocked instead.
+        for required in [false, true] {
+            for (what, refused, path, ready, want) in cases.iter() {
+                let got = decide_route(
+                    "c",
+                    RouteInputs {
+                        refused: *refused,
+                        path: *path,
+                        encryption_required: required,
+                    },
+                    |p| ready.contains(&p),
+                    cidrs,
+                );
+                let want = match want {
+                    PeerRoute::Vxlan | PeerRoute::VxlanVia { .. } if required => {
+                        &PeerRoute::Blocked
+                    }
+                    w => w,
+                };
+                assert_eq!(&got, want, "{what} (encryption required: {required})");
+            }
         }
     }
 

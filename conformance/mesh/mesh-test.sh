@@ -87,6 +87,8 @@ in_node() { local i=$1; shift; ip netns exec "$(node "$i")" "$@"; }
 mesh() { in_node "$1" curl -sf "http://$(node_ip "$1"):6784/debug/mesh"; }
 metrics() { in_node "$1" curl -sf "http://$(node_ip "$1"):6784/metrics"; }
 # peer field: node-index peer-index jq-field
+# One sample's value from a node's /metrics (NAME with its labels, as the agent writes it).
+metric_value() { metrics "$1" | awk -v m="$2" '$1 == m {print $2}'; }
 peer() { mesh "$1" | jq -r --arg p "$(node "$2")" ".peers[] | select(.name == \$p) | .$3"; }
 peer_is() { [[ $(peer "$1" "$2" "$3") == "$4" ]]; }
 cidr4() { kc get node "$(node "$1")" -o json | jq -r '.spec.podCIDRs[] | select(contains("."))'; }
@@ -192,7 +194,7 @@ log "waiting for every node to authenticate and encrypt to every other"
 check wait_until 90 all_encrypted
 identity_published() { [[ $(kc get node "$(node 1)" -o json | jq -r '.metadata.annotations["weft.dev/mesh-identity"]') == $(mesh 1 | jq -r .identity) ]]; }
 check identity_published
-connections_metric() { (($(metrics 1 | awk '$1 == "weft_mesh_connections{state=\"established\"}" {print $2}') >= 2)); }
+connections_metric() { (($(metric_value 1 'weft_mesh_connections{state="established"}') >= 2)); }
 check connections_metric
 for j in 2 3; do check route_dev 1 "$j" wgweft; done
 check route_dev 3 1 wgweft
@@ -204,13 +206,21 @@ check echo_ok a "$B"
 check echo_ok a "$C"
 check echo_ok c "$B"
 MARKER="WEFT-MT9-PLAINTEXT-$RANDOM$RANDOM"
-# -Z root: tcpdump would otherwise write as its own user, which cannot write into $T.
-ip netns exec "$P-host" tcpdump -Z root -i br-underlay --immediate-mode -U -n -w "$T/underlay.pcap" >"$T/tcpdump1.log" 2>&1 &
-CAP1=$!; BG+=("$CAP1")
-in_node 2 tcpdump -Z root -i wgweft --immediate-mode -U -n -w "$T/inner.pcap" >"$T/tcpdump2.log" 2>&1 &
-CAP2=$!; BG+=("$CAP2")
-capturing() { grep -q "listening on" "$T/tcpdump1.log" && grep -q "listening on" "$T/tcpdump2.log"; }
-check wait_until 10 capturing
+# tcpdump into $T/NAME.pcap; returns once it listens, its pid in CAP. A fresh log per capture
+# (waiting for "listening on" in an old one would start the traffic before the capture);
+# immediate mode (packets still in the kernel's ring when it is stopped would be lost); -Z
+# root (tcpdump would otherwise write as its own user, which cannot write into $T).
+capture() { # NAME NETNS DEV [FILTER]
+  rm -f "$T/$1.log" "$T/$1.pcap"
+  ip netns exec "$2" tcpdump -Z root -i "$3" --immediate-mode -U -n -w "$T/$1.pcap" ${4:+"$4"} >"$T/$1.log" 2>&1 &
+  CAP=$!; BG+=("$CAP")
+  wait_until 10 grep "listening on" "$T/$1.log"
+}
+captured() { tcpdump -n -r "$T/$1.pcap" ${2:+"$2"} 2>/dev/null | wc -l; } # NAME [FILTER]: packets
+check capture underlay "$P-host" br-underlay
+CAP1=$CAP
+check capture inner "$(node 2)" wgweft
+CAP2=$CAP
 sleep 0.3
 for n in 1 2 3 4 5; do echo "$MARKER line $n"; done | in_pod a timeout 5 socat -u - "TCP:$B:7001,connect-timeout=3"
 sleep 0.5
@@ -222,7 +232,7 @@ inner_has_marker() { grep -aq "$MARKER" "$T/inner.pcap"; }
 check inner_has_marker
 underlay_has_no_marker() { [[ -s $T/underlay.pcap ]] && ! grep -aq "$MARKER" "$T/underlay.pcap"; }
 check underlay_has_no_marker
-underlay_carries_wireguard() { (($(tcpdump -n -r "$T/underlay.pcap" udp port 51820 2>/dev/null | wc -l) >= 4)); }
+underlay_carries_wireguard() { (($(captured underlay "udp port 51820") >= 4)); }
 check underlay_carries_wireguard
 
 # --- 3. the policy engine judges traffic arriving over wgweft --------------------------------
@@ -243,7 +253,7 @@ kc -n mt delete networkpolicy server-from-allowed >/dev/null
 check wait_until 15 echo_ok c "$B"
 
 # --- 4. a fake peer: malformed and oversized frames ------------------------------------------
-violations() { metrics 1 | awk -v k="weft_mesh_protocol_violations_total{violation=\"$1\"}" '$1 == k {print $2}'; }
+violations() { metric_value 1 "weft_mesh_protocol_violations_total{violation=\"$1\"}"; }
 fake_peer() { # what -> 0 when node1 closed the connection on it
   ip netns exec "$P-host" python3 - "$(node_ip 1)" "$1" <<'EOF'
 import socket, struct, sys, time
@@ -305,7 +315,7 @@ log "blocking node1 <-> node3"
 block
 check wait_until 30 peer_is 1 3 path "via $(node 2)"
 check wait_until 30 peer_is 3 1 path "via $(node 2)"
-relayed_metric() { [[ $(metrics 1 | awk '$1 == "weft_mesh_relayed_peers" {print $2}') == 1 ]]; }
+relayed_metric() { [[ $(metric_value 1 weft_mesh_relayed_peers) == 1 ]]; }
 check relayed_metric
 # Per peer only: the paths that do not involve the blocked pair stay direct.
 check peer_is 1 2 path direct
@@ -331,8 +341,7 @@ direct_again
 # never sends node1's pods plaintext (the route stays on wgweft), and both ends relay through
 # node2 (the path counts as down); unblocked: a session forms, direct again. The restart also
 # shows the overlay putting node3's routes back on the new wgweft.
-failing_peers() { metrics "$1" | awk '$1 == "weft_mesh_wireguard_failing_peers" {print $2}'; }
-failing_is() { [[ $(failing_peers "$1") == "$2" ]]; }
+failing_is() { [[ $(metric_value "$1" weft_mesh_wireguard_failing_peers) == "$2" ]]; }
 log "blocking WireGuard's UDP port between node1 and node3; node3's weft-wg restarted"
 block "udp dport 51820"
 kill "$(cat "$DIR/pids/weft-wg-node3.pid")"
@@ -358,7 +367,7 @@ check wait_until 60 failing_is 3 0
 direct_again
 
 # --- 5c. WireGuard's UDP port blocked between node1 and node3, their session up ---------------
-silent_is() { [[ $(metrics "$1" | awk '$1 == "weft_mesh_wireguard_silent_peers" {print $2}') == "$2" ]]; }
+silent_is() { [[ $(metric_value "$1" weft_mesh_wireguard_silent_peers) == "$2" ]]; }
 check wait_until 10 echo_ok a "$C"
 check peer_is 1 3 path direct
 check silent_is 1 0
@@ -423,22 +432,13 @@ check echo_fails a "$C"
 required_logged() { grep "encryption is required and the peer cannot be reached over WireGuard" "$DIR/logs/agent-node1.log" >/dev/null; }
 check required_logged
 log "node1's weft-wg stopped"
-# VXLAN from node1 on the lab's bridge, into $T/NAME.pcap (a fresh log per capture: waiting
-# for "listening on" in an old one would start the traffic before the capture; immediate mode
-# and a second's wait before stopping it: packets still in the kernel's ring are lost).
-vxlan_capture() { # NAME
-  rm -f "$T/$1.log" "$T/$1.pcap"
-  ip netns exec "$P-host" tcpdump -Z root -i br-underlay --immediate-mode -U -n -w "$T/$1.pcap" "udp port 4789 and src host $(node_ip 1)" >"$T/$1.log" 2>&1 &
-  CAP3=$!; BG+=("$CAP3")
-  wait_until 10 grep "listening on" "$T/$1.log" >/dev/null
-}
-captured() { tcpdump -n -r "$T/$1.pcap" 2>/dev/null | wc -l; }
-check vxlan_capture required
+# VXLAN from node1 on the lab's bridge (stopped a second after the traffic).
+check capture required "$P-host" br-underlay "udp port 4789 and src host $(node_ip 1)"
 kill "$(cat "$DIR/pids/weft-wg-node1.pid")"
 check wait_until 20 route_type 1 2 unreachable
 check echo_fails a "$B"
 check echo_fails a "$C"
-sleep 1; kill -TERM "$CAP3"; wait "$CAP3" 2>/dev/null
+sleep 1; kill -TERM "$CAP"; wait "$CAP" 2>/dev/null
 no_vxlan_from_node1() { [[ -f $T/required.pcap ]] && (($(captured required) == 0)); }
 check no_vxlan_from_node1
 ip netns exec "$(node 1)" setsid "$TARGET/debug/weft-wg" run --config "$DIR/run/node1/wg/wgweft.conf" \
@@ -451,9 +451,9 @@ sed -i 's/--encryption required/--encryption on/' "$DIR/run/node1/agent.cmd"
 bash "$LAB" restart-agent 1 TERM 0 >/dev/null 2>&1
 check wait_until 40 route_dev 1 3 vxweft
 # The control for no_vxlan_from_node1: the same capture sees node1's VXLAN to node3 now.
-check vxlan_capture control
+check capture control "$P-host" br-underlay "udp port 4789 and src host $(node_ip 1)"
 check wait_until 10 echo_ok a "$C"
-sleep 1; kill -TERM "$CAP3"; wait "$CAP3" 2>/dev/null
+sleep 1; kill -TERM "$CAP"; wait "$CAP" 2>/dev/null
 vxlan_from_node1_seen() { (($(captured control) >= 2)) || { cat "$T/control.log"; return 1; }; }
 check vxlan_from_node1_seen
 
@@ -468,7 +468,7 @@ check wait_until 20 mounted_secret_is 3 "$T/secret-wrong"
 check mounted_secret_is 1 "$T/secret-api"
 check wait_until 40 peer_is 1 3 state refused
 check wait_until 20 peer_is 2 3 state refused
-refused_metric() { [[ $(metrics 1 | awk '$1 == "weft_mesh_refused_peers" {print $2}') == 1 ]]; }
+refused_metric() { [[ $(metric_value 1 weft_mesh_refused_peers) == 1 ]]; }
 check refused_metric
 terminations_metric() { metrics 1 | awk '$1 ~ /^weft_mesh_connection_terminations_total\{reason="/ {n += $2} END {exit !(n >= 1)}'; }
 check terminations_metric

@@ -1108,12 +1108,17 @@ impl Mesh {
         let Some(wg) = &self.wireguard else {
             return false;
         };
-        let Some(st) = NodeName::new(peer).ok().and_then(|p| self.peers.get(&p)) else {
+        let Some(st) = self.peer_state(peer) else {
             return false;
         };
         let Some(adv) = st.wg else { return false };
         let session = wg.peer_ready(&adv.public_key) || st.wg_failing_for().is_some();
         wg.ready() && adv.ready && st.refused.is_none() && session
+    }
+
+    /// The state of the peer named `name` (a route's key), if it is one.
+    fn peer_state(&self, name: &str) -> Option<&PeerState> {
+        NodeName::new(name).ok().and_then(|p| self.peers.get(&p))
     }
 
     fn routes(&self) -> BTreeMap<String, PeerRoute> {
@@ -1265,12 +1270,7 @@ impl Mesh {
             decided: self.seen_self,
         };
         let required = self.cfg.encryption_required;
-        let refused = |peer: &str| {
-            NodeName::new(peer)
-                .ok()
-                .and_then(|p| self.peers.get(&p))
-                .is_some_and(|s| s.refused.is_some())
-        };
+        let refused = |peer: &str| self.peer_state(peer).is_some_and(|s| s.refused.is_some());
         self.routing.send_if_modified(|have| {
             let changed = *have != routing;
             if changed {

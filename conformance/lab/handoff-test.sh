@@ -41,7 +41,9 @@
 # sent to the kernel); "watch restarts" = weft_watch_restarts_total summed over all nodes.
 #
 # Env: WEFT_LAB_DIR (default /tmp/weft-lab-handoff), WEFT_LAB_PREFIX (default weft-lh),
-#      WEFT_SCHEMA_NEXT_CACHE (default /var/cache/weft/schema-next: sources, target dir, binaries).
+#      WEFT_SCHEMA_NEXT_CACHE (default /var/cache/weft/schema-next: sources, target dir, binaries),
+#      WEFT_HANDOFF_LOGS (default /tmp/weft-handoff-logs: the lab's logs are copied there before
+#      the teardown, so a failed run can be read afterwards).
 set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -72,6 +74,11 @@ bg_pids=()
 cleanup() {
   for p in "${bg_pids[@]}"; do kill "$p" 2>/dev/null; done
   [[ -n ${new_pod_cleanup:-} ]] && eval "$new_pod_cleanup" >/dev/null 2>&1
+  local keep=${WEFT_HANDOFF_LOGS:-/tmp/weft-handoff-logs}
+  if [[ -d $D/logs ]]; then
+    rm -rf "$keep" && mkdir -p "$keep" && cp -r "$D/logs/." "$keep/" &&
+      echo "handoff-test: the lab's logs are kept in $keep" >&2
+  fi
   bash "$HERE/lab.sh" down >/dev/null 2>&1
   rm -rf "$work"
 }
@@ -550,9 +557,18 @@ fi
 # selects it any more: its ingress and egress open, batch's egress still blocks batch -> db).
 # Every cell this changes is enforced on node 1 only (api and db live there), so until node 1's
 # agent is back the old truth holds for them (handoff-expected-after*.txt is the new one).
+# Lines of node i's agent log that say its path to node j changed (the log has colour codes).
+path_changes() { # i j
+  grep -a -c -E "mesh: path changed.*peer[^ ]*=[^ ]*$P-node$2( |$)" "$D/logs/agent-node$1.log"
+}
 if want 4; then
   t0=$(now)
-  bash "$HERE/lab.sh" restart-agent 1 KILL 8 2>>"$work/lab.err" &
+  # Away for 14 s, longer than the mesh's 10 s restart grace (an upgrade pulling an image): the
+  # other nodes then judge node 1's path by the echo its kernel answers, and it stays direct.
+  declare -A changes_before
+  for i in 2 3; do changes_before[$i]=$(path_changes "$i" 1); done
+  echo_lines_before=$(cat "$D"/logs/agent-node[23].log | grep -a -c 'its node answers echo probes')
+  bash "$HERE/lab.sh" restart-agent 1 KILL 14 2>>"$work/lab.err" &
   rpid=$!
   down_pid=$(cat "$D/pids/agent-node1.pid")
   for _ in $(seq 50); do kill -0 "$down_pid" 2>/dev/null || break; sleep 0.1; done
@@ -574,6 +590,11 @@ if want 4; then
     --changed-from "$(cat "$D/run/node1/agent.started")" --changed-to "$t_conv"
   check zero_wrong
   check converged "$c"
+  # Both other nodes passed the grace and saw node 1's kernel answer; neither moved its path.
+  judged_by_echo() { (($(cat "$D"/logs/agent-node[23].log | grep -a -c 'its node answers echo probes') >= echo_lines_before + 2)); }
+  check judged_by_echo
+  paths_to_node1_kept() { for i in 2 3; do (($(path_changes "$i" 1) == changes_before[$i])) || return 1; done; }
+  check paths_to_node1_kept
   CUR=$AFTER
 
   # 4b: a pod created on node 1 while its agent is down. The runtime's CNI ADD gets "try again

@@ -10,6 +10,10 @@
 //! it measures exactly the session whose silence triggers the relay, and sees it come back.
 //! The peer's kernel answers: no agent is needed there (restarting one changes nothing).
 //!
+//! The same prober sends every other peer an echo request at its underlay address: while a
+//! peer's agent is away (its control connection closed: a restart, an upgrade, a crash loop)
+//! these answers, not the agent's silence, say whether its direct path still carries packets.
+//!
 //! One thread per address family owns a raw ICMP socket (`CAP_NET_RAW`), sends the round's
 //! requests and reads answers until the next round; an answer counts when its identifier, its
 //! payload tag and its source (a target's address) match. Only the time of each target's last
@@ -165,10 +169,16 @@ impl TunnelProber {
     }
 
     /// The peers to probe from the next round on, each at its address.
+    /// A peer probed at another address than before keeps no answer of the old one.
     pub fn set_targets(&self, targets: BTreeMap<String, IpAddr>) {
         let mut answers = lock(&self.shared.answers);
-        answers.retain(|peer, _| targets.contains_key(peer));
-        *lock(&self.shared.targets) = targets;
+        let mut current = lock(&self.shared.targets);
+        answers.retain(|peer, _| {
+            targets
+                .get(peer)
+                .is_some_and(|a| current.get(peer) == Some(a))
+        });
+        *current = targets;
     }
 
     /// When `peer` last answered (while it was a target).

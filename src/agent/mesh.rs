@@ -73,6 +73,12 @@ const STARTUP_GRACE: Duration = Duration::from_secs(15);
 /// with hysteresis). A path that fails while the connection stays open (underlay loss)
 /// is judged at once: its probes go unanswered.
 const RESTART_GRACE: Duration = Duration::from_secs(10);
+/// A peer without a control connection (after `RESTART_GRACE`) is judged by echo probes its
+/// kernel answers (through the WireGuard session while its pods are routed into `wgweft`,
+/// else to its underlay address): an answer at most this old says its direct path carries
+/// packets, however long its agent takes to come back (an upgrade pulling an image, a crash
+/// loop). Probes go once a second.
+const ECHO_FRESH: Duration = Duration::from_secs(3);
 /// How long a reconnected peer's last WireGuard advertisement stands without a new one (a
 /// peer with encryption on re-advertises in its first messages).
 const ADVERT_WAIT: Duration = Duration::from_secs(3);
@@ -257,6 +263,13 @@ pub struct PeerSnapshot {
     /// Seconds since the session last answered a probe (`None`: not yet in this period).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tunnel_answer_age_seconds: Option<f64>,
+    /// Where its kernel is sent echo requests (the tunnel target, else its underlay address):
+    /// how its path is judged while its agent is away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo_target: Option<IpAddr>,
+    /// Seconds since its kernel last answered one (`None`: not since it was probed there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo_answer_age_seconds: Option<f64>,
 }
 
 /// What `/metrics` and `/debug/mesh` read (set once when the mesh starts).
@@ -432,8 +445,10 @@ struct PeerState {
     /// The failure was logged (logged again when it clears).
     wg_failing_logged: bool,
     /// The tunnel address its WireGuard session is probed at, and since when (its pods are
-    /// routed into `wgweft`); `None`: not probed.
+    /// routed into `wgweft`); `None`: not probed through the tunnel.
     tunnel_target: Option<(IpAddr, Instant)>,
+    /// Where its kernel is sent echo requests: the tunnel target, else its underlay address.
+    echo_target: Option<IpAddr>,
     /// Its session's silence was logged (logged again when it ends).
     tunnel_silent_logged: bool,
 }
@@ -473,6 +488,41 @@ fn tunnel_probe_target(cidrs: &[IpNet], supports: impl Fn(&IpAddr) -> bool) -> O
     (addrs.iter().filter(|a| a.is_ipv4()).find(usable))
         .or_else(|| addrs.iter().find(usable))
         .copied()
+}
+
+/// What the mesh saw of one peer in one tick, for [`direct_observation`].
+#[derive(Clone, Copy, Debug, Default)]
+struct Seen {
+    /// A control connection is up.
+    live: bool,
+    /// A probe was sent on it (a fresh connection has not probed yet).
+    probed: bool,
+    /// That probe was answered within the interval.
+    acked: bool,
+    /// Never reached yet, in the mesh's first seconds.
+    starting: bool,
+    /// Its connection closed less than `RESTART_GRACE` ago.
+    restarting: bool,
+    /// Its kernel answered an echo probe within `ECHO_FRESH`; `None`: no prober.
+    echo_answered: Option<bool>,
+    /// Its WireGuard session cannot form, or carries nothing.
+    wireguard_broken: bool,
+}
+
+/// Whether one tick counts as a success or a failure of a peer's direct path, or says
+/// nothing (pure). Over a control connection: its probe's answer. Without one: the echo its
+/// kernel answers: an agent that is away (restarting, upgrading, crashing) says nothing
+/// about the data path, which its host, `weft-wg` and routes keep carrying; with no prober,
+/// a peer that is away counts as a failure (the only evidence left). A WireGuard session
+/// that cannot form or carries nothing is a failure either way.
+fn direct_observation(s: Seen) -> Option<bool> {
+    if s.live {
+        return s.probed.then_some(s.acked && !s.wireguard_broken);
+    }
+    if s.starting || s.restarting {
+        return None;
+    }
+    Some(s.echo_answered == Some(true) && !s.wireguard_broken)
 }
 
 /// Starts the mesh in the background and returns the routing the dataplane must follow. If
@@ -562,15 +612,12 @@ async fn bring_up(
         }
         None => Vec::new(),
     };
-    let prober = match &wireguard {
-        Some(_) => match TunnelProber::start(Duration::from_secs(1)) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                warn!(error = %e, "mesh: no echo probes through the WireGuard tunnel (a raw ICMP socket needs CAP_NET_RAW): a session that dies after it formed is noticed only when WireGuard expires it (about 200 s)");
-                None
-            }
-        },
-        None => None,
+    let prober = match TunnelProber::start(Duration::from_secs(1)) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            warn!(error = %e, "mesh: no echo probes (a raw ICMP socket needs CAP_NET_RAW): a peer whose agent is away longer than the restart grace counts as unreachable, and a WireGuard session that dies after it formed is noticed only when WireGuard expires it (about 200 s)");
+            None
+        }
     };
     let (shutdown_tx, shutdown) = watch::channel(false);
     tokio::spawn(node.clone().serve(listener, shutdown.clone()));
@@ -972,18 +1019,25 @@ impl Mesh {
             let starting = st.last_up.is_none() && self.started.elapsed() < STARTUP_GRACE;
             // A peer whose agent is restarting is no observation either, for a while.
             let restarting = !live && st.closed_at.is_some_and(|t| t.elapsed() < RESTART_GRACE);
+            let echo_answered = self.prober.as_ref().map(|p| {
+                st.echo_target.is_some()
+                    && p.last_answer(name.as_str())
+                        .is_some_and(|t| t.elapsed() < ECHO_FRESH)
+            });
             if !live && !restarting && st.closed_at.take().is_some() {
-                expired.push(name.clone());
+                expired.push((name.clone(), echo_answered));
             }
-            if (!live && !starting && !restarting) || (live && st.sent_seq > 0) {
-                // A WireGuard path that cannot form a session, or whose session carries
-                // nothing, is a broken direct path too.
-                probes.push((
-                    name.clone(),
-                    live && st.acked_seq == st.sent_seq
-                        && st.wg_failing_for().is_none()
-                        && silent.is_none(),
-                ));
+            let seen = Seen {
+                live,
+                probed: st.sent_seq > 0,
+                acked: st.acked_seq == st.sent_seq,
+                starting,
+                restarting,
+                echo_answered,
+                wireguard_broken: st.wg_failing_for().is_some() || silent.is_some(),
+            };
+            if let Some(ok) = direct_observation(seen) {
+                probes.push((name.clone(), ok));
             }
             if let Some(l) = st.live_link().cloned() {
                 st.sent_seq += 1;
@@ -1013,8 +1067,18 @@ impl Mesh {
         if advert_gone {
             self.update();
         }
-        for name in expired {
-            warn!(peer = %name, grace_seconds = RESTART_GRACE.as_secs(), "mesh: peer not back within the restart grace: judging its path by probes again");
+        for (name, echo_answered) in expired {
+            match echo_answered {
+                Some(true) => {
+                    warn!(peer = %name, grace_seconds = RESTART_GRACE.as_secs(), "mesh: peer's agent not back within the restart grace; its node answers echo probes, so its path is judged by them until the agent is back")
+                }
+                Some(false) => {
+                    warn!(peer = %name, grace_seconds = RESTART_GRACE.as_secs(), "mesh: peer's agent not back within the restart grace and its node does not answer echo probes: its path counts as failing (relayed if a third node reaches it)")
+                }
+                None => {
+                    warn!(peer = %name, grace_seconds = RESTART_GRACE.as_secs(), "mesh: peer not back within the restart grace: its path counts as failing (no echo probes without a raw socket)")
+                }
+            }
             for c in self.table.forget_report(&name) {
                 info!(peer = %c.peer, from = ?c.from, to = ?c.to, "mesh: path changed");
             }
@@ -1199,8 +1263,9 @@ impl Mesh {
     }
 
     /// Probes, through the tunnel, every peer whose pods are routed into `wgweft` (directly or
-    /// relayed), at its tunnel address; a peer that starts being probed starts a new period.
-    fn retarget_tunnel_probes(&mut self, routes: &BTreeMap<String, PeerRoute>) {
+    /// relayed), at its tunnel address; a peer that starts being probed there starts a new
+    /// period. Every other peer is probed at its underlay address (`ECHO_FRESH`).
+    fn retarget_echo_probes(&mut self, routes: &BTreeMap<String, PeerRoute>) {
         let Some(prober) = &self.prober else {
             return;
         };
@@ -1215,7 +1280,11 @@ impl Mesh {
             if target != st.tunnel_target.map(|(a, _)| a) {
                 st.tunnel_target = target.map(|a| (a, now));
             }
-            if let Some(a) = target {
+            st.echo_target = target.or_else(|| {
+                let addr = self.members.get(name)?.addr;
+                prober.supports(&addr).then_some(addr)
+            });
+            if let Some(a) = st.echo_target {
                 targets.insert(name.to_string(), a);
             }
         }
@@ -1225,7 +1294,7 @@ impl Mesh {
     /// Recomputes routes, the WireGuard configuration, metrics and the snapshot.
     fn update(&mut self) {
         let routes = self.routes();
-        self.retarget_tunnel_probes(&routes);
+        self.retarget_echo_probes(&routes);
         // Not before the node list is known: a configuration computed without members
         // would drop every peer from the device (and their sessions) for nothing.
         if self.seen_self
@@ -1347,6 +1416,11 @@ impl Mesh {
                     tunnel_probe_target: st.and_then(|s| s.tunnel_target).map(|(a, _)| a),
                     tunnel_answer_age_seconds: st
                         .and_then(|s| s.tunnel_target)
+                        .and_then(|_| self.prober.as_ref()?.last_answer(name.as_str()))
+                        .map(|t| t.elapsed().as_secs_f64()),
+                    echo_target: st.and_then(|s| s.echo_target),
+                    echo_answer_age_seconds: st
+                        .and_then(|s| s.echo_target)
                         .and_then(|_| self.prober.as_ref()?.last_answer(name.as_str()))
                         .map(|t| t.elapsed().as_secs_f64()),
                 }
@@ -1505,6 +1579,74 @@ mod tests {
         assert!(refusal(&CloseReason::ConnectionLost("reset".into())).is_none());
         assert!(refusal(&CloseReason::Refused(RefuseReason::UnknownPeer)).is_none());
         assert!(refusal(&CloseReason::PeerSilent).is_none());
+    }
+
+    #[test]
+    fn an_away_agent_is_judged_by_its_kernels_echo_not_by_its_silence() {
+        let live = Seen {
+            live: true,
+            probed: true,
+            acked: true,
+            ..Seen::default()
+        };
+        // Over a control connection: the probe's answer, and a broken WireGuard session.
+        assert_eq!(direct_observation(live), Some(true));
+        assert_eq!(
+            direct_observation(Seen {
+                acked: false,
+                ..live
+            }),
+            Some(false)
+        );
+        let broken = Seen {
+            wireguard_broken: true,
+            ..live
+        };
+        assert_eq!(direct_observation(broken), Some(false));
+        // A fresh connection that has not probed yet is no observation.
+        assert_eq!(
+            direct_observation(Seen {
+                probed: false,
+                ..live
+            }),
+            None
+        );
+        let away = Seen {
+            echo_answered: Some(true),
+            ..Seen::default()
+        };
+        // Within the start-up or restart grace: no observation, whatever the echo says.
+        for s in [
+            Seen {
+                starting: true,
+                ..away
+            },
+            Seen {
+                restarting: true,
+                echo_answered: Some(false),
+                ..away
+            },
+        ] {
+            assert_eq!(direct_observation(s), None, "{s:?}");
+        }
+        // After it: the kernel's answers decide, however long the agent stays away.
+        assert_eq!(direct_observation(away), Some(true));
+        let silent_host = Seen {
+            echo_answered: Some(false),
+            ..away
+        };
+        assert_eq!(direct_observation(silent_host), Some(false));
+        let broken_tunnel = Seen {
+            wireguard_broken: true,
+            ..away
+        };
+        assert_eq!(direct_observation(broken_tunnel), Some(false));
+        // Without a prober the agent's absence is the only evidence left.
+        let no_prober = Seen {
+            echo_answered: None,
+            ..away
+        };
+        assert_eq!(direct_observation(no_prober), Some(false));
     }
 
     #[test]

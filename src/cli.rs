@@ -729,7 +729,11 @@ pub fn cleanup(table: &str, state_dir: Option<&Path>, json: bool) -> ExitCode {
     let mut errors: Vec<String> = Vec::new();
     match weft_nft::thread::NftThread::spawn() {
         Ok(nft) => {
-            for t in [table, "weft-nat"] {
+            for t in [
+                table,
+                crate::agent::nat::NAT_TABLE,
+                crate::agent::guard::GUARD_TABLE,
+            ] {
                 match nft.dump(t) {
                     Ok(Some(_)) => match nft.apply(t, vec![weft_netpol::diff::Op::DeleteTable]) {
                         Ok(_) => done.push(format!("deleted table inet {t}")),

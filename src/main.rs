@@ -202,7 +202,8 @@ struct AgentArgs {
     /// relay, WireGuard keys. The file holds the cluster secret (every node the same); the
     /// DaemonSet mounts the optional Secret `kube-system/weft-mesh` and names its file here.
     /// Read once at start. The file absent: the mesh is off (a warning), or with
-    /// `--encryption on` the agent refuses to start (exit 2); empty or unreadable: refuses.
+    /// `--encryption on` or `required` the agent refuses to start (exit 2); empty or
+    /// unreadable: refuses.
     /// Not given (or given empty): the mesh is off.
     #[arg(long, env = "WEFT_MESH_SECRET_FILE")]
     mesh_secret_file: Option<PathBuf>,
@@ -453,7 +454,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
 /// when it is off (logged if it was asked for), `Err` with the exit code when the agent must
 /// not start (the reason printed).
 fn mesh_config(args: &AgentArgs) -> Result<Option<agent::mesh::MeshConfig>, ExitCode> {
-    let encryption = args.encryption != "off";
+    let encryption = Some(args.encryption.as_str()).filter(|m| *m != "off");
     let source = match args
         .mesh_secret_file
         .clone()
@@ -495,7 +496,7 @@ fn mesh_config(args: &AgentArgs) -> Result<Option<agent::mesh::MeshConfig>, Exit
         port: args.mesh_port,
         listen_ip: args.underlay_ip,
         state_dir: args.state_dir.clone(),
-        encryption,
+        encryption: encryption.is_some(),
         encryption_required: args.encryption == "required",
         wg_port: args.wireguard_port,
         backend: match args.wireguard.as_str() {
@@ -574,10 +575,10 @@ enum MeshStart {
     Refuse(String),
 }
 
-/// The mesh on, off or a refusal, from where the secret was found and `--encryption`.
-/// Encryption needs the mesh: without a secret the agent refuses rather than sending pod
-/// traffic in the clear that the operator asked to encrypt.
-fn mesh_start(source: SecretSource, encryption: bool) -> MeshStart {
+/// The mesh on, off or a refusal, from where the secret was found and `--encryption` (the
+/// mode asked for; `None`: off). Encryption needs the mesh: without a secret the agent
+/// refuses rather than sending pod traffic in the clear that the operator asked to encrypt.
+fn mesh_start(source: SecretSource, encryption: Option<&str>) -> MeshStart {
     use agent::mesh::MeshSecret;
     match source {
         SecretSource::File(file) => MeshStart::On(MeshSecret::File(file)),
@@ -587,14 +588,16 @@ fn mesh_start(source: SecretSource, encryption: bool) -> MeshStart {
             "the cluster secret file {} cannot be used ({why}): it must be readable and hold the secret, 32 random bytes (in Kubernetes: the key `secret` of the Secret kube-system/weft-mesh; delete it and create it again with `{CREATE_SECRET}`)",
             file.display()
         )),
-        SecretSource::Absent(file) if encryption => MeshStart::Refuse(format!(
-            "--encryption on needs the mesh, and the cluster secret file {} does not exist: create the Secret with `{CREATE_SECRET}` (the DaemonSet mounts kube-system/weft-mesh there), or set encryption off",
+        SecretSource::Absent(file) if encryption.is_some() => MeshStart::Refuse(format!(
+            "--encryption {} needs the mesh, and the cluster secret file {} does not exist: create the Secret with `{CREATE_SECRET}` (the DaemonSet mounts kube-system/weft-mesh there), or set encryption off",
+            encryption.unwrap_or_default(),
             file.display()
         )),
         SecretSource::Absent(file) => MeshStart::OffWithoutSecret(file),
-        SecretSource::NotGiven if encryption => MeshStart::Refuse(
-            "--encryption on needs the mesh: give --mesh-secret-file (or WEFT_MESH_SECRET)".into(),
-        ),
+        SecretSource::NotGiven if encryption.is_some() => MeshStart::Refuse(format!(
+            "--encryption {} needs the mesh: give --mesh-secret-file (or WEFT_MESH_SECRET)",
+            encryption.unwrap_or_default()
+        )),
         SecretSource::NotGiven => MeshStart::Off,
     }
 }
@@ -658,7 +661,7 @@ mod tests {
             file: FILE.into(),
             why: "the cluster secret is empty".into(),
         };
-        for encryption in [false, true] {
+        for encryption in [None, Some("on"), Some("required")] {
             let on = mesh_start(SecretSource::File(FILE.into()), encryption);
             assert!(
                 matches!(&on, MeshStart::On(super::agent::mesh::MeshSecret::File(f)) if f.as_os_str() == FILE),
@@ -679,28 +682,31 @@ mod tests {
             }
         }
         assert!(matches!(
-            mesh_start(SecretSource::NotGiven, false),
+            mesh_start(SecretSource::NotGiven, None),
             MeshStart::Off
         ));
         assert!(matches!(
-            mesh_start(absent(), false),
+            mesh_start(absent(), None),
             MeshStart::OffWithoutSecret(f) if f.as_os_str() == FILE
         ));
-        match mesh_start(absent(), true) {
-            MeshStart::Refuse(line) => {
-                assert!(line.contains(FILE), "{line}");
-                assert!(
-                    line.contains("kubectl -n kube-system create secret generic weft-mesh"),
-                    "{line}"
-                );
-                assert!(!line.contains('\n'), "one line: {line}");
+        for mode in ["on", "required"] {
+            match mesh_start(absent(), Some(mode)) {
+                MeshStart::Refuse(line) => {
+                    assert!(line.starts_with(&format!("--encryption {mode} ")), "{line}");
+                    assert!(line.contains(FILE), "{line}");
+                    assert!(
+                        line.contains("kubectl -n kube-system create secret generic weft-mesh"),
+                        "{line}"
+                    );
+                    assert!(!line.contains('\n'), "one line: {line}");
+                }
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
+            assert!(matches!(
+                mesh_start(SecretSource::NotGiven, Some(mode)),
+                MeshStart::Refuse(line) if line.contains("--mesh-secret-file") && line.starts_with(&format!("--encryption {mode} "))
+            ));
         }
-        assert!(matches!(
-            mesh_start(SecretSource::NotGiven, true),
-            MeshStart::Refuse(line) if line.contains("--mesh-secret-file")
-        ));
     }
 
     #[test]

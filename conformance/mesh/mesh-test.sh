@@ -33,7 +33,8 @@
 #      vxweft, the rest stays on wgweft, traffic flows both ways; blocked again, node3's route
 #      to node1 goes via node2's tunnel address (ip -j route), unblocked: direct again
 #   6c. --encryption required on node1: node3 (encryption off) unreachable from node1 instead
-#      of plain VXLAN, node2 encrypted; node1's weft-wg stopped: node2 unreachable from node1
+#      of plain VXLAN, and node3's plain VXLAN dropped by node1 (table inet weft-guard, its
+#      counter), node2 encrypted; node1's weft-wg stopped: node2 unreachable from node1
 #      too and no VXLAN from node1 on the underlay; weft-wg back: encrypted again
 #   7. a wrong cluster secret on node3: the Secret replaced in the API and only node3's agent
 #      restarted (its volume gets the new value at its start; the others keep the secret they
@@ -431,6 +432,18 @@ check wait_until 10 echo_ok a "$B"
 check echo_fails a "$C"
 required_logged() { grep "encryption is required and the peer cannot be reached over WireGuard" "$DIR/logs/agent-node1.log" >/dev/null; }
 check required_logged
+# node3 still sends plain VXLAN to node1 (its encryption is off): node1 drops it on input.
+guard_rule() { # node -> the guard's rule as nft prints it in JSON (empty: no table)
+  in_node "$1" nft -j list table inet weft-guard 2>/dev/null | jq -c '.nftables[] | select(.rule) | .rule'
+}
+guard_dropped() { # node min-packets
+  guard_rule "$1" | jq -e --argjson n "$2" 'select(.expr | any(.match?.right == 4789)) | select(.expr | any(type == "object" and has("drop"))) | select(.expr | any(.counter?.packets >= $n))' >/dev/null
+}
+check wait_until 20 guard_dropped 1 0
+check echo_fails c "$A"
+check guard_dropped 1 1
+no_guard_elsewhere() { [[ -z $(guard_rule 2) && -z $(guard_rule 3) ]]; }
+check no_guard_elsewhere
 log "node1's weft-wg stopped"
 # VXLAN from node1 on the lab's bridge (stopped a second after the traffic).
 check capture required "$P-host" br-underlay "udp port 4789 and src host $(node_ip 1)"
@@ -450,6 +463,8 @@ log "node1's agent back to --encryption on"
 sed -i 's/--encryption required/--encryption on/' "$DIR/run/node1/agent.cmd"
 bash "$LAB" restart-agent 1 TERM 0 >/dev/null 2>&1
 check wait_until 40 route_dev 1 3 vxweft
+no_guard_on_node1() { [[ -z $(guard_rule 1) ]]; }
+check wait_until 20 no_guard_on_node1
 # The control for no_vxlan_from_node1: the same capture sees node1's VXLAN to node3 now.
 check capture control "$P-host" br-underlay "udp port 4789 and src host $(node_ip 1)"
 check wait_until 10 echo_ok a "$C"

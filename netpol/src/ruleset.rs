@@ -325,6 +325,8 @@ pub enum Hook {
     Forward,
     /// `postrouting` (masquerade).
     Postrouting,
+    /// `input`: traffic to the node itself (the `--encryption required` guard).
+    Input,
 }
 
 impl Hook {
@@ -333,6 +335,7 @@ impl Hook {
         match self {
             Hook::Forward => "forward",
             Hook::Postrouting => "postrouting",
+            Hook::Input => "input",
         }
     }
 }

@@ -111,6 +111,9 @@ pub struct DataplaneConfig {
     pub cleanup_interval: Duration,
     /// Allocations younger than this are never freed by the API-based cleanup.
     pub cleanup_min_age: Duration,
+    /// `--encryption required`: plain VXLAN from peers is dropped (table `inet weft-guard`,
+    /// removed when this is off).
+    pub refuse_plain_vxlan: bool,
 }
 
 /// The conflist's file name.
@@ -501,6 +504,9 @@ pub fn local_ips(rs: &weft_netpol::Ruleset) -> BTreeSet<IpAddr> {
 /// step is retried on its own schedule, none blocks another.
 pub async fn housekeeping(cfg: DataplaneConfig, shared: Arc<Shared>, slot: ServiceSlot) {
     let desired_nat = cfg.masquerade.as_deref().map(super::nat::ruleset);
+    let desired_guard = cfg
+        .refuse_plain_vxlan
+        .then(|| super::guard::ruleset(weft_dataplane::overlay::DEFAULT_PORT));
     let mut nft: Option<Arc<weft_nft::NftThread>> = None;
     let mut next_nat = Instant::now();
     let mut conflist_done = cfg.cni_conf_dir.is_none();
@@ -521,9 +527,10 @@ pub async fn housekeeping(cfg: DataplaneConfig, shared: Arc<Shared>, slot: Servi
             }
             if let Some(t) = nft.clone() {
                 let desired = desired_nat.clone();
-                let result =
-                    tokio::task::spawn_blocking(move || super::nat::sync(&t, desired.as_ref()))
-                        .await;
+                let result = tokio::task::spawn_blocking(move || {
+                    super::nat::sync(&t, super::nat::NAT_TABLE, desired.as_ref())
+                })
+                .await;
                 match result {
                     Ok(Ok(0)) => {}
                     Ok(Ok(ops)) => match &cfg.masquerade {
@@ -537,6 +544,33 @@ pub async fn housekeeping(cfg: DataplaneConfig, shared: Arc<Shared>, slot: Servi
                         next_nat = now + Duration::from_secs(5);
                     }
                     Err(e) => error!(error = %e, "masquerade: sync task failed"),
+                }
+            }
+            if let Some(t) = nft.clone() {
+                let desired = desired_guard.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    super::nat::sync(&t, super::guard::GUARD_TABLE, desired.as_ref())
+                })
+                .await;
+                match result {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(ops)) if cfg.refuse_plain_vxlan => {
+                        info!(
+                            ops,
+                            port = weft_dataplane::overlay::DEFAULT_PORT,
+                            "encryption required: table inet weft-guard in place, plain VXLAN from peers is dropped"
+                        )
+                    }
+                    Ok(Ok(_)) => {
+                        info!(
+                            "encryption not required: table inet weft-guard removed, plain VXLAN from peers accepted"
+                        )
+                    }
+                    Ok(Err(e)) => {
+                        error!(error = %e, "encryption required, but table inet weft-guard not applied (plain VXLAN from peers still accepted); retrying in 5 s");
+                        next_nat = now + Duration::from_secs(5);
+                    }
+                    Err(e) => error!(error = %e, "guard: sync task failed"),
                 }
             }
         }

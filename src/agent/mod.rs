@@ -13,6 +13,7 @@ pub mod conntrack;
 pub mod controller;
 pub mod dataplane;
 pub mod drops;
+pub mod guard;
 pub mod http;
 pub mod mesh;
 pub mod metrics;
@@ -195,6 +196,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 socket: cfg.socket.clone(),
                 cleanup_interval: Duration::from_secs(60),
                 cleanup_min_age: cfg.cleanup_min_age,
+                refuse_plain_vxlan: cfg.mesh.as_ref().is_some_and(|m| m.encryption_required),
             },
             nodes_rx,
             routing,

@@ -162,19 +162,21 @@ pub fn ruleset(cidrs: &[IpNet]) -> Ruleset {
     rs
 }
 
-/// Brings table `inet weft-nat` to `desired` (`None`: removes it, for `--no-masquerade`)
-/// through `nft`; returns the number of ops applied (0 when the kernel already agreed).
+/// Brings one of weft's own small tables (`inet weft-nat`, `inet weft-guard`) to `desired`
+/// (`None`: removes it, for `--no-masquerade` or encryption no longer required) through
+/// `nft`; returns the number of ops applied (0 when the kernel already agreed).
 pub fn sync(
     nft: &weft_nft::NftThread,
+    table: &str,
     desired: Option<&Ruleset>,
 ) -> Result<usize, weft_nft::NftError> {
     match desired {
         Some(rs) => nft.sync(rs.clone()).map(|(diff, _)| diff.ops.len()),
         None => {
-            if nft.dump(NAT_TABLE)?.is_none() {
+            if nft.dump(table)?.is_none() {
                 return Ok(0);
             }
-            nft.apply(NAT_TABLE, vec![weft_netpol::diff::Op::DeleteTable])?;
+            nft.apply(table, vec![weft_netpol::diff::Op::DeleteTable])?;
             Ok(1)
         }
     }

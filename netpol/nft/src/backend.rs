@@ -589,6 +589,7 @@ fn build_chain<'a>(
         let hook = match b.hook {
             Hook::Forward => nftnl::Hook::Forward,
             Hook::Postrouting => nftnl::Hook::PostRouting,
+            Hook::Input => nftnl::Hook::In,
         };
         chain.set_hook(hook, b.priority);
         chain.set_type(match b.kind {

@@ -32,6 +32,8 @@ use crate::set::{self, RawElem, RawSet};
 /// Priority of the stand-in for a chain weft cannot describe (never a compiled priority).
 pub const FOREIGN_PRIORITY: i32 = i32::MIN;
 
+/// `NF_INET_LOCAL_IN`
+const HOOK_INPUT: u32 = 1;
 /// `NF_INET_FORWARD`
 const HOOK_FORWARD: u32 = 2;
 /// `NF_INET_POST_ROUTING`
@@ -179,6 +181,7 @@ fn chain_def(c: &RawChain) -> Result<ChainDef, String> {
     let hook = match *hooknum {
         HOOK_FORWARD => Hook::Forward,
         HOOK_POSTROUTING => Hook::Postrouting,
+        HOOK_INPUT => Hook::Input,
         other => return Err(format!("hook {other}")),
     };
     let kind = match kind.as_str() {
@@ -396,20 +399,20 @@ mod tests {
         s.flags |= 0x10; // timeout
         raw.sets.insert("s".into(), s);
         raw.elements.insert("s".into(), Vec::new());
-        let mut input = chain("in");
-        input.hook = Some((1, 0, "filter".into(), Some(1))); // NF_INET_LOCAL_IN
-        raw.chains.insert("in".into(), input);
+        let mut output = chain("out");
+        output.hook = Some((3, 0, "filter".into(), Some(1))); // NF_INET_LOCAL_OUT
+        raw.chains.insert("out".into(), output);
         let kt = interpret(&raw);
         assert_eq!(kt.foreign.len(), 2, "{:?}", kt.foreign);
         assert!(kt.ruleset.sets["s"].def.key.is_empty());
         assert_eq!(
-            kt.ruleset.chains["in"].def.base.unwrap().priority,
+            kt.ruleset.chains["out"].def.base.unwrap().priority,
             FOREIGN_PRIORITY
         );
         // Desired has neither: both go.
         let d = diff(Some(&kt.ruleset), &Ruleset::new("weft"));
         assert!(d.ops.contains(&Op::DeleteSet("s".into())));
-        assert!(d.ops.contains(&Op::DeleteChain("in".into())));
+        assert!(d.ops.contains(&Op::DeleteChain("out".into())));
 
         let mut dormant = raw_table();
         dormant.flags = 1;

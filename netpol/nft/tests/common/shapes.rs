@@ -370,6 +370,24 @@ pub fn every_shape() -> Ruleset {
             rule(vec![], Action::Masquerade),
         ],
     );
+    // The `--encryption required` guard's shape: an input hook, a UDP port, a counted drop.
+    chain(
+        &mut rs,
+        "input",
+        base(Hook::Input, ChainType::Filter, 0),
+        vec![Rule {
+            counter: true,
+            comment: Some("plain VXLAN refused".into()),
+            ..rule(
+                vec![Match::DestPort {
+                    protocol: Protocol::Udp,
+                    first: 4789,
+                    last: 4789,
+                }],
+                Action::Verdict(Verdict::Drop),
+            )
+        }],
+    );
     chain(
         &mut rs,
         "group-a",

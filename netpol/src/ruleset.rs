@@ -676,6 +676,19 @@ pub struct Chain {
     pub rules: Vec<Rule>,
 }
 
+impl Chain {
+    /// A base chain `name` on `hook` with these rules.
+    pub fn base(name: &str, hook: BaseHook, rules: Vec<Rule>) -> Chain {
+        Chain {
+            def: ChainDef {
+                name: name.into(),
+                base: Some(hook),
+            },
+            rules,
+        }
+    }
+}
+
 /// weft's table: its sets and maps (one name space, as in the kernel) and its chains.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ruleset {

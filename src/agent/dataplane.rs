@@ -500,6 +500,20 @@ pub fn local_ips(rs: &weft_netpol::Ruleset) -> BTreeSet<IpAddr> {
     out
 }
 
+/// One of weft's own small tables brought to `desired` on a blocking thread (`nat::sync`):
+/// the ops applied, or why not.
+async fn sync_own_table(
+    nft: &Arc<weft_nft::NftThread>,
+    table: &'static str,
+    desired: &Option<weft_netpol::Ruleset>,
+) -> Result<usize, String> {
+    let (nft, desired) = (nft.clone(), desired.clone());
+    tokio::task::spawn_blocking(move || super::nat::sync(&nft, table, desired.as_ref()))
+        .await
+        .map_err(|e| format!("the sync task failed: {e}"))?
+        .map_err(|e| e.to_string())
+}
+
 /// Masquerade table, conflist, API-based cleanup (see the module docs). Runs forever; every
 /// step is retried on its own schedule, none blocks another.
 pub async fn housekeeping(cfg: DataplaneConfig, shared: Arc<Shared>, slot: ServiceSlot) {
@@ -526,51 +540,37 @@ pub async fn housekeeping(cfg: DataplaneConfig, shared: Arc<Shared>, slot: Servi
                 }
             }
             if let Some(t) = nft.clone() {
-                let desired = desired_nat.clone();
-                let result = tokio::task::spawn_blocking(move || {
-                    super::nat::sync(&t, super::nat::NAT_TABLE, desired.as_ref())
-                })
-                .await;
-                match result {
-                    Ok(Ok(0)) => {}
-                    Ok(Ok(ops)) => match &cfg.masquerade {
+                match sync_own_table(&t, super::nat::NAT_TABLE, &desired_nat).await {
+                    Ok(0) => {}
+                    Ok(ops) => match &cfg.masquerade {
                         Some(cidrs) => {
                             info!(ops, cluster_cidrs = ?cidrs, "masquerade: table inet weft-nat in place")
                         }
                         None => info!("masquerade off: table inet weft-nat removed"),
                     },
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         error!(error = %e, "masquerade: table inet weft-nat not applied; retrying in 5 s");
                         next_nat = now + Duration::from_secs(5);
                     }
-                    Err(e) => error!(error = %e, "masquerade: sync task failed"),
                 }
-            }
-            if let Some(t) = nft.clone() {
-                let desired = desired_guard.clone();
-                let result = tokio::task::spawn_blocking(move || {
-                    super::nat::sync(&t, super::guard::GUARD_TABLE, desired.as_ref())
-                })
-                .await;
-                match result {
-                    Ok(Ok(0)) => {}
-                    Ok(Ok(ops)) if cfg.refuse_plain_vxlan => {
+                match sync_own_table(&t, super::guard::GUARD_TABLE, &desired_guard).await {
+                    Ok(0) => {}
+                    Ok(ops) if cfg.refuse_plain_vxlan => {
                         info!(
                             ops,
                             port = weft_dataplane::overlay::DEFAULT_PORT,
                             "encryption required: table inet weft-guard in place, plain VXLAN from peers is dropped"
                         )
                     }
-                    Ok(Ok(_)) => {
+                    Ok(_) => {
                         info!(
                             "encryption not required: table inet weft-guard removed, plain VXLAN from peers accepted"
                         )
                     }
-                    Ok(Err(e)) => {
+                    Err(e) => {
                         error!(error = %e, "encryption required, but table inet weft-guard not applied (plain VXLAN from peers still accepted); retrying in 5 s");
                         next_nat = now + Duration::from_secs(5);
                     }
-                    Err(e) => error!(error = %e, "guard: sync task failed"),
                 }
             }
         }

@@ -18,8 +18,7 @@
 //! is on `on` or `off` again.
 
 use weft_netpol::ruleset::{
-    Action, BaseHook, Chain, ChainDef, ChainPolicy, ChainType, Hook, Match, Protocol, Rule,
-    Ruleset, Verdict,
+    Action, BaseHook, Chain, ChainPolicy, ChainType, Hook, Match, Protocol, Rule, Ruleset, Verdict,
 };
 
 /// The guard table (family `inet`).
@@ -29,34 +28,27 @@ pub const CHAIN: &str = "input";
 
 /// The desired guard table for the VXLAN port `port`.
 pub fn ruleset(port: u16) -> Ruleset {
+    let hook = BaseHook {
+        kind: ChainType::Filter,
+        hook: Hook::Input,
+        priority: 0,
+        policy: ChainPolicy::Accept,
+    };
+    let drop_vxlan = Rule {
+        matches: vec![Match::DestPort {
+            protocol: Protocol::Udp,
+            first: port,
+            last: port,
+        }],
+        counter: true,
+        action: Action::Verdict(Verdict::Drop),
+        comment: Some(
+            "encryption required: plain VXLAN from a peer that cannot encrypt is refused".into(),
+        ),
+    };
     let mut rs = Ruleset::new(GUARD_TABLE);
-    rs.chains.insert(
-        CHAIN.into(),
-        Chain {
-            def: ChainDef {
-                name: CHAIN.into(),
-                base: Some(BaseHook {
-                    kind: ChainType::Filter,
-                    hook: Hook::Input,
-                    priority: 0,
-                    policy: ChainPolicy::Accept,
-                }),
-            },
-            rules: vec![Rule {
-                matches: vec![Match::DestPort {
-                    protocol: Protocol::Udp,
-                    first: port,
-                    last: port,
-                }],
-                counter: true,
-                action: Action::Verdict(Verdict::Drop),
-                comment: Some(
-                    "encryption required: plain VXLAN from a peer that cannot encrypt is refused"
-                        .into(),
-                ),
-            }],
-        },
-    );
+    rs.chains
+        .insert(CHAIN.into(), Chain::base(CHAIN, hook, vec![drop_vxlan]));
     rs
 }
 

@@ -23,8 +23,8 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use weft_netpol::ruleset::{
-    Action, AddrField, BaseHook, Chain, ChainDef, ChainPolicy, ChainType, Family, Hook, Key, Match,
-    Rule, Ruleset, Set, SetDef, Value,
+    Action, AddrField, BaseHook, Chain, ChainPolicy, ChainType, Family, Hook, Key, Match, Rule,
+    Ruleset, Set, SetDef, Value,
 };
 
 /// The masquerade table (family `inet`).
@@ -144,21 +144,14 @@ pub fn ruleset(cidrs: &[IpNet]) -> Ruleset {
             comment: Some("pod to outside the cluster CIDRs: source NAT to the node".into()),
         });
     }
-    rs.chains.insert(
-        CHAIN.into(),
-        Chain {
-            def: ChainDef {
-                name: CHAIN.into(),
-                base: Some(BaseHook {
-                    kind: ChainType::Nat,
-                    hook: Hook::Postrouting,
-                    priority: SRCNAT_PRIORITY,
-                    policy: ChainPolicy::Accept,
-                }),
-            },
-            rules,
-        },
-    );
+    let hook = BaseHook {
+        kind: ChainType::Nat,
+        hook: Hook::Postrouting,
+        priority: SRCNAT_PRIORITY,
+        policy: ChainPolicy::Accept,
+    };
+    rs.chains
+        .insert(CHAIN.into(), Chain::base(CHAIN, hook, rules));
     rs
 }
 

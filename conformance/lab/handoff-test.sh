@@ -668,8 +668,10 @@ EOF
   row "4b pod created while node1 down (ADD tries: $tries)" "$sent" "$wrong" "$trans" "$(calc "${t_add:-0} - $(cat "$D/run/node1/agent.started")")" "$(metric 1 weft_nft_ops_total)" "$(watch_restarts)"
   log "4b: $(tail -1 <<<"$res"); first probe ${gap}s after ADD returned; failures that were not drops: $refused; allowed probes through: $allowed_ok"
   last_sent=$sent last_wrong=$wrong
+  # The probers start within half a second of ADD's return (they poll for their cells file every
+  # millisecond: 0.04 - 0.09 s on a quiet machine, 0.14 s measured in a CI run under load).
   new_pod_isolated_from_the_start() { [[ $sent -gt 100 && $wrong -eq 0 && $refused -eq 0 && $allowed_ok -gt 10 ]] \
-    && python3 -c "import sys; sys.exit(0 if $gap < 0.1 else 1)"; }
+    && python3 -c "import sys; sys.exit(0 if $gap < 0.5 else 1)"; }
   check new_pod_isolated_from_the_start
 
   # 4c: the same pod deleted while node 1's agent is down: the runtime's CNI DEL works without

@@ -289,6 +289,15 @@ check echo_ok a "$B"
 # no false alarm).
 no_silence_yet() { ! grep -h "carries nothing" "$DIR"/logs/agent-node*.log; }
 check no_silence_yet
+# The echo prober at work (one request per peer per second), its replies counted.
+echo_counted() { # node
+  local sent replies
+  sent=$(metric_value "$1" weft_mesh_echo_requests_total) replies=$(metric_value "$1" weft_mesh_echo_replies_total)
+  [[ -n $(metric_value "$1" weft_mesh_echo_send_errors_total) ]] &&
+    ((${sent:-0} >= 10 && ${replies:-0} >= 10 && ${replies:-0} <= sent))
+}
+check echo_counted 1
+check echo_counted 3
 
 # After node1 <-> node3 is unblocked: their path direct again both ways, pods through.
 direct_again() {

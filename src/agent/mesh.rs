@@ -289,6 +289,8 @@ pub struct MeshShared {
     pub wireguard_failing_peers: AtomicU64,
     /// Peers whose WireGuard session has not answered an echo probe for `TUNNEL_SILENCE`.
     pub wireguard_silent_peers: AtomicU64,
+    /// The echo prober's requests sent, replies matched, sends refused (copied each tick).
+    pub echo_counts: [AtomicU64; 3],
     /// The latest snapshot.
     pub snapshot: Mutex<MeshSnapshot>,
 }
@@ -341,12 +343,21 @@ pub fn render_metrics() -> String {
          # HELP weft_mesh_wireguard_failing_peers Peers with WireGuard ready on both sides but no session (UDP port blocked?): their pods are not reached in plaintext.\n\
          # TYPE weft_mesh_wireguard_failing_peers gauge\nweft_mesh_wireguard_failing_peers {}\n\
          # HELP weft_mesh_wireguard_silent_peers Peers whose WireGuard session no longer answers echo probes through the tunnel (UDP port blocked after it formed?): relayed if a third node can.\n\
-         # TYPE weft_mesh_wireguard_silent_peers gauge\nweft_mesh_wireguard_silent_peers {}",
+         # TYPE weft_mesh_wireguard_silent_peers gauge\nweft_mesh_wireguard_silent_peers {}\n\
+         # HELP weft_mesh_echo_requests_total Echo requests sent to peers' kernels (through the tunnel, else to their underlay address), one per peer per second.\n\
+         # TYPE weft_mesh_echo_requests_total counter\nweft_mesh_echo_requests_total {}\n\
+         # HELP weft_mesh_echo_replies_total Echo replies from peers' kernels matched to our requests.\n\
+         # TYPE weft_mesh_echo_replies_total counter\nweft_mesh_echo_replies_total {}\n\
+         # HELP weft_mesh_echo_send_errors_total Echo requests the kernel refused to send (no route, …).\n\
+         # TYPE weft_mesh_echo_send_errors_total counter\nweft_mesh_echo_send_errors_total {}",
         g(&s.refused_peers),
         g(&s.wireguard_ready),
         g(&s.encrypted_peers),
         g(&s.wireguard_failing_peers),
-        g(&s.wireguard_silent_peers)
+        g(&s.wireguard_silent_peers),
+        g(&s.echo_counts[0]),
+        g(&s.echo_counts[1]),
+        g(&s.echo_counts[2])
     );
     out
 }
@@ -1048,6 +1059,12 @@ impl Mesh {
         self.shared
             .wireguard_silent_peers
             .store(silent_peers, Ordering::Relaxed);
+        if let Some(p) = &self.prober {
+            let (sent, answered, errors) = p.counts();
+            for (a, v) in self.shared.echo_counts.iter().zip([sent, answered, errors]) {
+                a.store(v, Ordering::Relaxed);
+            }
+        }
         if !self.adopted.is_empty() && self.started.elapsed() >= ADOPT_WAIT {
             info!(
                 peers = self.adopted.len(),

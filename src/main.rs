@@ -580,25 +580,23 @@ enum MeshStart {
 /// refuses rather than sending pod traffic in the clear that the operator asked to encrypt.
 fn mesh_start(source: SecretSource, encryption: Option<&str>) -> MeshStart {
     use agent::mesh::MeshSecret;
-    match source {
-        SecretSource::File(file) => MeshStart::On(MeshSecret::File(file)),
-        SecretSource::Value(value) => MeshStart::On(MeshSecret::Value(value)),
+    match (source, encryption) {
+        (SecretSource::File(file), _) => MeshStart::On(MeshSecret::File(file)),
+        (SecretSource::Value(value), _) => MeshStart::On(MeshSecret::Value(value)),
         // There but broken: a configuration to fix, not the optional Secret left out.
-        SecretSource::Unusable { file, why } => MeshStart::Refuse(format!(
+        (SecretSource::Unusable { file, why }, _) => MeshStart::Refuse(format!(
             "the cluster secret file {} cannot be used ({why}): it must be readable and hold the secret, 32 random bytes (in Kubernetes: the key `secret` of the Secret kube-system/weft-mesh; delete it and create it again with `{CREATE_SECRET}`)",
             file.display()
         )),
-        SecretSource::Absent(file) if encryption.is_some() => MeshStart::Refuse(format!(
-            "--encryption {} needs the mesh, and the cluster secret file {} does not exist: create the Secret with `{CREATE_SECRET}` (the DaemonSet mounts kube-system/weft-mesh there), or set encryption off",
-            encryption.unwrap_or_default(),
+        (SecretSource::Absent(file), Some(mode)) => MeshStart::Refuse(format!(
+            "--encryption {mode} needs the mesh, and the cluster secret file {} does not exist: create the Secret with `{CREATE_SECRET}` (the DaemonSet mounts kube-system/weft-mesh there), or set encryption off",
             file.display()
         )),
-        SecretSource::Absent(file) => MeshStart::OffWithoutSecret(file),
-        SecretSource::NotGiven if encryption.is_some() => MeshStart::Refuse(format!(
-            "--encryption {} needs the mesh: give --mesh-secret-file (or WEFT_MESH_SECRET)",
-            encryption.unwrap_or_default()
+        (SecretSource::Absent(file), None) => MeshStart::OffWithoutSecret(file),
+        (SecretSource::NotGiven, Some(mode)) => MeshStart::Refuse(format!(
+            "--encryption {mode} needs the mesh: give --mesh-secret-file (or WEFT_MESH_SECRET)"
         )),
-        SecretSource::NotGiven => MeshStart::Off,
+        (SecretSource::NotGiven, None) => MeshStart::Off,
     }
 }
 

@@ -522,20 +522,20 @@ pub async fn housekeeping(cfg: DataplaneConfig, shared: Arc<Shared>, slot: Servi
         .refuse_plain_vxlan
         .then(|| super::guard::ruleset(weft_dataplane::overlay::DEFAULT_PORT));
     let mut nft: Option<Arc<weft_nft::NftThread>> = None;
-    let mut next_nat = Instant::now();
+    let mut next_own_tables = Instant::now();
     let mut conflist_done = cfg.cni_conf_dir.is_none();
     let mut bin_warned: Option<Instant> = None;
     let mut next_cleanup = Instant::now() + cfg.cleanup_interval;
     loop {
         let now = Instant::now();
-        if now >= next_nat {
-            next_nat = now + Duration::from_secs(60);
+        if now >= next_own_tables {
+            next_own_tables = now + Duration::from_secs(60);
             if nft.is_none() {
                 match weft_nft::NftThread::spawn() {
                     Ok(t) => nft = Some(Arc::new(t)),
                     Err(e) => {
                         error!(error = %e, "masquerade: no netlink backend; retrying in 5 s");
-                        next_nat = now + Duration::from_secs(5);
+                        next_own_tables = now + Duration::from_secs(5);
                     }
                 }
             }
@@ -550,7 +550,7 @@ pub async fn housekeeping(cfg: DataplaneConfig, shared: Arc<Shared>, slot: Servi
                     },
                     Err(e) => {
                         error!(error = %e, "masquerade: table inet weft-nat not applied; retrying in 5 s");
-                        next_nat = now + Duration::from_secs(5);
+                        next_own_tables = now + Duration::from_secs(5);
                     }
                 }
                 match sync_own_table(&t, super::guard::GUARD_TABLE, &desired_guard).await {
@@ -569,7 +569,7 @@ pub async fn housekeeping(cfg: DataplaneConfig, shared: Arc<Shared>, slot: Servi
                     }
                     Err(e) => {
                         error!(error = %e, "encryption required, but table inet weft-guard not applied (plain VXLAN from peers still accepted); retrying in 5 s");
-                        next_nat = now + Duration::from_secs(5);
+                        next_own_tables = now + Duration::from_secs(5);
                     }
                 }
             }

@@ -1394,6 +1394,11 @@ impl Mesh {
                     _ => "plain",
                 };
                 let adv = st.and_then(|s| s.wg);
+                // Seconds since its kernel last answered an echo where it is probed now.
+                let echo_age = st
+                    .and_then(|s| s.echo_target)
+                    .and_then(|_| self.prober.as_ref()?.last_answer(name.as_str()))
+                    .map(|t| t.elapsed().as_secs_f64());
                 PeerSnapshot {
                     name: name.to_string(),
                     address: Some(m.addr),
@@ -1431,15 +1436,11 @@ impl Mesh {
                         })
                     }),
                     tunnel_probe_target: st.and_then(|s| s.tunnel_target).map(|(a, _)| a),
-                    tunnel_answer_age_seconds: st
-                        .and_then(|s| s.tunnel_target)
-                        .and_then(|_| self.prober.as_ref()?.last_answer(name.as_str()))
-                        .map(|t| t.elapsed().as_secs_f64()),
+                    // The tunnel target is the echo target when there is one: one reading.
+                    tunnel_answer_age_seconds: echo_age
+                        .filter(|_| st.is_some_and(|s| s.tunnel_target.is_some())),
                     echo_target: st.and_then(|s| s.echo_target),
-                    echo_answer_age_seconds: st
-                        .and_then(|s| s.echo_target)
-                        .and_then(|_| self.prober.as_ref()?.last_answer(name.as_str()))
-                        .map(|t| t.elapsed().as_secs_f64()),
+                    echo_answer_age_seconds: echo_age,
                 }
             })
             .collect();
